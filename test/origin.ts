@@ -1,0 +1,159 @@
+/**
+ * Test helpers: start the real origin in its own process and speak real HTTP
+ * to it, both through fetch and byte for byte over a raw socket.
+ *
+ * ORIGIN_COMMAND chooses how the origin runs, so the same tests cover every
+ * runtime and the bundle (.ci/run sets it). Unset, it is this Node with tsx.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { connect } from "node:net";
+import { fileURLToPath } from "node:url";
+
+export const projectRoot = fileURLToPath(new URL("..", import.meta.url));
+
+// Two strong secrets, as during a rotation: "new,old".
+export const SECRET = "a3f1c9e07b52d48e96f03a7c1b8e25d4c07f9a16e3b2d58f40a9c6e17b3d2f08";
+export const OLD_SECRET = "Zq8pL2xV9mN4rT7wK1cF6hJ3sD5gB0yQeUaIoPzXlCvRnMtGbHkSjWdYfE";
+
+export function originCommand(): string[] {
+	const command = process.env.ORIGIN_COMMAND;
+	if (command) return command.split(" ").filter(Boolean);
+	return [process.execPath, "--import", "tsx", "index.ts"];
+}
+
+export type Origin = {
+	url: string;
+	port: number;
+	child: ChildProcess;
+	/** Everything the process printed so far, stdout and stderr. */
+	output(): string;
+	/** Sends a signal and resolves with the exit code. */
+	stop(signal?: NodeJS.Signals): Promise<number | null>;
+};
+
+export type Exit = { code: number | null; output: string };
+
+function spawnOrigin(env: Record<string, string | undefined>): { child: ChildProcess; output(): string } {
+	const [command, ...args] = originCommand();
+	// The tests' environment is passed on except the origin's own variables,
+	// which each test sets (or leaves unset) on purpose.
+	const inherited = { ...process.env };
+	for (const name of ["SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES"]) {
+		delete inherited[name];
+	}
+	const child = spawn(command, args, {
+		cwd: process.env.ORIGIN_CWD ?? projectRoot,
+		env: { ...inherited, PORT: "0", LOGLEVEL: "info", ...env },
+		stdio: ["ignore", "pipe", "pipe"]
+	});
+	let output = "";
+	child.stdout!.setEncoding("utf8").on("data", (chunk: string) => (output += chunk));
+	child.stderr!.setEncoding("utf8").on("data", (chunk: string) => (output += chunk));
+	return { child, output: () => output };
+}
+
+/** Starts the origin and resolves once it has logged "Origin ready at <url>". */
+export function startOrigin(env: Record<string, string | undefined> = {}, timeoutMs = 30_000): Promise<Origin> {
+	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env });
+	const exited = new Promise<number | null>(resolve => child.once("exit", code => resolve(code)));
+
+	return new Promise((resolve, reject) => {
+		const timer = setTimeout(() => {
+			child.kill("SIGKILL");
+			reject(new Error(`origin not ready in ${timeoutMs} ms:\n${output()}`));
+		}, timeoutMs);
+		const onData = () => {
+			const ready = /Origin ready at (http:\/\/\S+)/.exec(output());
+			if (!ready) return;
+			clearTimeout(timer);
+			child.stdout!.off("data", onData);
+			const url = ready[1];
+			resolve({
+				url,
+				port: Number(new URL(url).port),
+				child,
+				output,
+				async stop(signal = "SIGTERM") {
+					if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+					return exited;
+				}
+			});
+		};
+		child.stdout!.on("data", onData);
+		child.once("exit", code => {
+			clearTimeout(timer);
+			reject(new Error(`origin exited with ${code} before it was ready:\n${output()}`));
+		});
+	});
+}
+
+/** Runs the origin expecting it to refuse to start; resolves with its exit. */
+export function runOriginToExit(env: Record<string, string | undefined>, timeoutMs = 30_000): Promise<Exit> {
+	const { child, output } = spawnOrigin(env);
+	return new Promise((resolve, reject) => {
+		const timer = setTimeout(() => {
+			child.kill("SIGKILL");
+			reject(new Error(`origin still running after ${timeoutMs} ms:\n${output()}`));
+		}, timeoutMs);
+		child.once("exit", code => {
+			clearTimeout(timer);
+			resolve({ code, output: output() });
+		});
+	});
+}
+
+export type RawResponse = { status: number; headers: Record<string, string>; body: string };
+
+/**
+ * Sends one request byte for byte and reads the answer until the server closes.
+ * fetch refuses to send many of the values an attacker would, so this is how
+ * the tests send them.
+ */
+export function rawRequest(port: number, head: Buffer | string, body: Buffer | string = ""): Promise<RawResponse> {
+	return new Promise((resolve, reject) => {
+		const socket = connect(port, "127.0.0.1");
+		const chunks: Buffer[] = [];
+		socket.setTimeout(10_000, () => socket.destroy(new Error("raw request timed out")));
+		socket.on("data", chunk => chunks.push(chunk));
+		socket.on("error", reject);
+		socket.on("close", () => {
+			const text = Buffer.concat(chunks).toString("latin1");
+			const [headText, ...rest] = text.split("\r\n\r\n");
+			const [statusLine, ...headerLines] = headText.split("\r\n");
+			const headers: Record<string, string> = {};
+			for (const line of headerLines) {
+				const colon = line.indexOf(":");
+				headers[line.slice(0, colon).toLowerCase()] = line.slice(colon + 1).trim();
+			}
+			let responseBody = rest.join("\r\n\r\n");
+			if (headers["transfer-encoding"] === "chunked") responseBody = unchunk(responseBody);
+			resolve({ status: Number(statusLine.split(" ")[1]), headers, body: responseBody });
+		});
+		const bytes = (part: Buffer | string) => (typeof part === "string" ? Buffer.from(part, "latin1") : part);
+		socket.end(Buffer.concat([bytes(head), bytes(body)]));
+	});
+}
+
+function unchunk(text: string): string {
+	let out = "";
+	let rest = text;
+	for (;;) {
+		const lineEnd = rest.indexOf("\r\n");
+		const size = parseInt(rest.slice(0, lineEnd), 16);
+		if (!size) return out;
+		out += rest.slice(lineEnd + 2, lineEnd + 2 + size);
+		rest = rest.slice(lineEnd + 2 + size + 2);
+	}
+}
+
+/** A GET with one x-shared-secret header whose value is exactly these bytes. */
+export function getWithSecretBytes(port: number, path: string, value: Buffer): Promise<RawResponse> {
+	return rawRequest(
+		port,
+		Buffer.concat([
+			Buffer.from(`GET ${path} HTTP/1.1\r\nHost: origin\r\nx-shared-secret: `, "latin1"),
+			value,
+			Buffer.from("\r\nConnection: close\r\n\r\n", "latin1")
+		])
+	);
+}
