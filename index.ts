@@ -56,3 +56,18 @@ await broker.start();
 // PORT=0 picks a free port; the address says which.
 const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
 broker.logger.info(`Origin ready at http://localhost:${port}`);
+
+/* What a caller sees (with the secret from .env):
+ *
+ *   $ curl localhost:3000/api/protected -H "x-shared-secret: $SHARED_SECRET"
+ *   {"message":"Access granted"}
+ *
+ *   $ curl localhost:3000/api/protected
+ *   {"name":"UnAuthorizedError","message":"No secret provided","code":401,"type":"NO_TOKEN"}
+ *
+ *   $ curl localhost:3000/api/protected -H "x-shared-secret: wrong"
+ *   {"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}
+ *
+ *   $ curl localhost:3000/health
+ *   {"status":"ok"}
+ */
