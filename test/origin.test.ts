@@ -29,6 +29,14 @@ test("ready means ready: the first request after the ready line gets its real an
 	}
 });
 
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+	test(`stops cleanly on ${signal}`, async () => {
+		const origin = await startOrigin();
+		assert.equal(await origin.stop(signal), 0, origin.output());
+		assert.match(origin.output(), /ServiceBroker is stopped/);
+	});
+}
+
 describe("the origin", () => {
 	let origin: Origin;
 	// A rotation in progress: both the new and the old secret are accepted.
