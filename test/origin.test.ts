@@ -29,13 +29,29 @@ test("ready means ready: the first request after the ready line gets its real an
 	}
 });
 
+// Deno's node:child_process reports a child that exits on its own after
+// catching a signal as killed by that signal (code null). Under `deno test`
+// the clean stop is read from the broker's last log line instead.
+const exitCodesAreReliable = !("Deno" in globalThis);
+
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
 	test(`stops cleanly on ${signal}`, async () => {
 		const origin = await startOrigin();
-		assert.equal(await origin.stop(signal), 0, origin.output());
-		assert.match(origin.output(), /ServiceBroker is stopped/);
+		const code = await origin.stop(signal);
+		assert.match(origin.output(), /ServiceBroker is stopped\. Good bye\./);
+		if (exitCodesAreReliable) assert.equal(code, 0, origin.output());
 	});
 }
+
+test("Deno's child exit codes after a caught signal (pins the limit above)", { skip: exitCodesAreReliable }, async () => {
+	const { spawn } = await import("node:child_process");
+	const child = spawn("sh", ["-c", "trap 'exit 0' TERM; sleep 5 & wait"]);
+	await new Promise(resolve => setTimeout(resolve, 300));
+	child.kill("SIGTERM");
+	const [code] = await new Promise<[number | null]>(resolve => child.once("exit", code => resolve([code])));
+	// When this fails, Deno reports the real code: drop exitCodesAreReliable.
+	assert.equal(code, null);
+});
 
 describe("the origin", () => {
 	let origin: Origin;
@@ -184,9 +200,10 @@ describe("the origin", () => {
 			const response = await rawRequest(origin.port, `GET ${path} HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n`);
 			assert.doesNotMatch(response.body, /Access granted/, path);
 			assert.ok(response.status < 500, `${path}: ${response.status}`);
-			// Either refused at the door, or served by the health action: the
-			// query-string cases are routed to /health, which is public.
-			if (response.status !== 401) {
+			// Either refused at the door, refused by the runtime's own HTTP
+			// parser (Bun answers 400 to "*"), or served by the health action:
+			// the query-string cases are routed to /health, which is public.
+			if (response.status !== 401 && response.status !== 400) {
 				assert.equal(response.status, 200, path);
 				assert.deepEqual(JSON.parse(response.body), { status: "ok" }, path);
 			}
