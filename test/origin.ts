@@ -6,7 +6,7 @@
  * runtime and the bundle (.ci/run sets it). Unset, it is this Node with tsx.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { connect } from "node:net";
+import { connect, createServer, type AddressInfo } from "node:net";
 import { fileURLToPath } from "node:url";
 
 export const projectRoot = fileURLToPath(new URL("..", import.meta.url));
@@ -33,8 +33,11 @@ export type Origin = {
 
 export type Exit = { code: number | null; output: string };
 
-function spawnOrigin(env: Record<string, string | undefined>): { child: ChildProcess; output(): string } {
-	const [command, ...args] = originCommand();
+function spawnOrigin(
+	env: Record<string, string | undefined>,
+	commandLine = originCommand()
+): { child: ChildProcess; output(): string } {
+	const [command, ...args] = commandLine;
 	// The tests' environment is passed on except the origin's own variables,
 	// which each test sets (or leaves unset) on purpose.
 	const inherited = { ...process.env };
@@ -52,22 +55,32 @@ function spawnOrigin(env: Record<string, string | undefined>): { child: ChildPro
 	return { child, output: () => output };
 }
 
-/** Starts the origin and resolves once it has logged "Origin ready at <url>". */
-export function startOrigin(env: Record<string, string | undefined> = {}, timeoutMs = 30_000): Promise<Origin> {
-	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env });
+/**
+ * Starts the origin (or another command that serves the same routes) and
+ * resolves once it is ready: once it has logged "Origin ready at <url>", or,
+ * with `pollPort` (for LOGLEVEL=warn, which hides that line), once GET /health
+ * on that port gets any HTTP answer.
+ */
+export function startOrigin(
+	env: Record<string, string | undefined> = {},
+	{ command = originCommand(), timeoutMs = 30_000, pollPort = 0 } = {}
+): Promise<Origin> {
+	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env, ...(pollPort && { PORT: String(pollPort) }) }, command);
 	const exited = new Promise<number | null>(resolve => child.once("exit", code => resolve(code)));
+	let settled = false;
 
 	return new Promise((resolve, reject) => {
-		const timer = setTimeout(() => {
-			child.kill("SIGKILL");
-			reject(new Error(`origin not ready in ${timeoutMs} ms:\n${output()}`));
-		}, timeoutMs);
-		const onData = () => {
-			const ready = /Origin ready at (http:\/\/\S+)/.exec(output());
-			if (!ready) return;
+		const fail = (error: Error) => {
+			if (settled) return;
+			settled = true;
 			clearTimeout(timer);
-			child.stdout!.off("data", onData);
-			const url = ready[1];
+			child.kill("SIGKILL");
+			reject(error);
+		};
+		const ready = (url: string) => {
+			if (settled) return;
+			settled = true;
+			clearTimeout(timer);
 			resolve({
 				url,
 				port: Number(new URL(url).port),
@@ -79,11 +92,36 @@ export function startOrigin(env: Record<string, string | undefined> = {}, timeou
 				}
 			});
 		};
-		child.stdout!.on("data", onData);
-		child.once("exit", code => {
-			clearTimeout(timer);
-			reject(new Error(`origin exited with ${code} before it was ready:\n${output()}`));
+		const timer = setTimeout(() => fail(new Error(`origin not ready in ${timeoutMs} ms:\n${output()}`)), timeoutMs);
+		child.once("exit", code => fail(new Error(`origin exited with ${code} before it was ready:\n${output()}`)));
+
+		if (pollPort) {
+			const url = `http://127.0.0.1:${pollPort}`;
+			const poll = () =>
+				fetch(`${url}/health`).then(
+					() => ready(url),
+					() => !settled && setTimeout(poll, 50)
+				);
+			poll();
+		} else {
+			const onData = () => {
+				const line = /Origin ready at (http:\/\/\S+)/.exec(output());
+				if (line) ready(line[1]);
+			};
+			child.stdout!.on("data", onData);
+			child.stderr!.on("data", onData);
+		}
+	});
+}
+
+/** A port that was free a moment ago, for a server that must be told its port. */
+export function freePort(): Promise<number> {
+	return new Promise((resolve, reject) => {
+		const server = createServer().listen(0, "127.0.0.1", () => {
+			const { port } = server.address() as AddressInfo;
+			server.close(() => resolve(port));
 		});
+		server.on("error", reject);
 	});
 }
 
