@@ -4,8 +4,12 @@
  *
  *     npm run setup    # writes .env with a fresh SHARED_SECRET
  *     npm start        # tsx --env-file-if-exists=.env index.ts
+ *
+ * The same file scales out: with TRANSPORTER set, SERVICES=gateway starts a node
+ * that holds the door and the gateway, and SERVICES=api one that holds the
+ * service (see "Scaling out" in the README).
  */
-import { ServiceBroker } from "moleculer";
+import { ServiceBroker, type BrokerOptions } from "moleculer";
 import ApiGateway from "moleculer-web";
 import type { Server } from "node:http";
 import { SharedSecretMiddleware } from "./middleware.ts";
@@ -15,47 +19,95 @@ import { ApiService } from "./service.ts";
 // (PUBLIC_PATHS= with nothing after it makes every path need the secret).
 process.env.PUBLIC_PATHS ??= "GET /health";
 
+// What this node runs: the gateway, the api service, or both (the default).
+const services = (process.env.SERVICES ?? "gateway,api").split(",").map(name => name.trim());
+const runsGateway = services.includes("gateway");
+
+// Unset, the broker runs alone. Otherwise TRANSPORTER is Moleculer's own
+// transporter string ("TCP", "nats://host:4222", "redis://host:6379", ...). A
+// "tcp://host:port/nodeID,..." list names every node, so the multicast
+// discovery that plain "TCP" uses is turned off for it.
+function readTransporter(value: string | undefined): BrokerOptions["transporter"] {
+	if (!value) return undefined;
+	if (value.startsWith("tcp://")) return { type: "TCP", options: { urls: value, udpDiscovery: false } };
+	// moleculer's types list only the names; its resolver also takes URLs.
+	return value as BrokerOptions["transporter"];
+}
+
 // The middleware reads SHARED_SECRET as the broker is built and stops the
-// process with one line if it is missing or weak: nothing below runs then.
+// process with one line if it is missing or weak: nothing below runs then. A
+// node without the gateway serves no HTTP and needs no secret.
 const broker = new ServiceBroker({
+	nodeID: process.env.NODE_ID || undefined,
 	logLevel: (process.env.LOGLEVEL ?? "info") as "info",
-	middlewares: [SharedSecretMiddleware]
+	transporter: readTransporter(process.env.TRANSPORTER),
+	middlewares: runsGateway ? [SharedSecretMiddleware] : [],
+	// SIGTERM and SIGINT are handled below, to drain HTTP before the broker stops.
+	skipProcessEventRegistration: true
 });
 
-broker.createService(ApiService);
+if (services.includes("api")) broker.createService(ApiService);
 
-const gateway = broker.createService({
-	// Not "api", moleculer-web's default name: that is the page's service.
-	name: "gateway",
-	mixins: [ApiGateway],
-	settings: {
-		port: Number(process.env.PORT ?? 3000),
-		routes: [
-			{
-				path: "/",
-				// Only the aliases below are served. "restrict" keeps Moleculer's
-				// internal actions ($node.list, ~node/...) off HTTP, even for
-				// callers that hold the secret. Declared aliases exist as soon
-				// as the gateway starts; autoAliases would answer 404 for the
-				// first half second.
-				mappingPolicy: "restrict",
-				aliases: {
-					"GET /api/protected": "api.protectedAction",
-					// Public: see PUBLIC_PATHS above.
-					"GET /health": "api.health"
-				}
+const gateway = runsGateway
+	? broker.createService({
+			// Not "api", moleculer-web's default name: that is the page's service.
+			name: "gateway",
+			mixins: [ApiGateway],
+			// Listen only once `api` can answer, here or on another node.
+			dependencies: ["api"],
+			settings: {
+				port: Number(process.env.PORT ?? 3000),
+				routes: [
+					{
+						path: "/",
+						// Only the aliases below are served. "restrict" keeps
+						// Moleculer's internal actions ($node.list, ~node/...)
+						// off HTTP, even for callers that hold the secret.
+						// Declared aliases exist as soon as the gateway starts;
+						// autoAliases would answer 404 for the first half second.
+						mappingPolicy: "restrict",
+						aliases: {
+							"GET /api/protected": "api.protectedAction",
+							// Public: see PUBLIC_PATHS above.
+							"GET /health": "api.health"
+						}
+					}
+				]
 			}
-		]
-	}
-});
+		})
+	: undefined;
 
 await broker.start();
 
-// Ready means ready: the broker has started every service and the gateway is
-// listening, so the first request after this line gets its real answer.
-// PORT=0 picks a free port; the address says which.
-const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
-broker.logger.info(`Origin ready at http://localhost:${port}`);
+// Ready means ready: the broker has started every service, `api` is reachable
+// and the gateway is listening, so the first request after this line gets its
+// real answer. PORT=0 picks a free port; the address says which.
+const server = (gateway as unknown as { server: Server } | undefined)?.server;
+if (server) {
+	const { port } = server.address() as { port: number };
+	broker.logger.info(`Origin ready at http://localhost:${port}`);
+} else {
+	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}`);
+}
+
+// A graceful stop, for deploys: refuse new connections at once, let the
+// requests in flight finish with their real answers (the broker stays up, as
+// they may wait on other nodes), then stop the broker and exit 0. Keep-alive
+// connections are closed as soon as they fall idle; after 8 s, all are.
+async function stop(signal: string) {
+	broker.logger.info(`${signal}: refusing new connections, finishing the requests in flight.`);
+	if (server) {
+		const closeIdle = setInterval(() => server.closeIdleConnections(), 100);
+		const deadline = setTimeout(() => server.closeAllConnections(), 8000);
+		await new Promise(resolve => server.close(resolve));
+		clearInterval(closeIdle);
+		clearTimeout(deadline);
+	}
+	await broker.stop();
+	process.exit(0);
+}
+process.once("SIGTERM", stop);
+process.once("SIGINT", stop);
 
 /* What a caller sees (with the secret from .env):
  *
