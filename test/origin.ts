@@ -18,7 +18,16 @@ export const OLD_SECRET = "Zq8pL2xV9mN4rT7wK1cF6hJ3sD5gB0yQeUaIoPzXlCvRnMtGbHkSj
 export function originCommand(): string[] {
 	const command = process.env.ORIGIN_COMMAND;
 	if (command) return command.split(" ").filter(Boolean);
-	return [process.execPath, "--import", "tsx", "index.ts"];
+	return typeScriptCommand("index.ts");
+}
+
+/** How the runtime running the tests runs one of the tests' own .ts files (from projectRoot). */
+export function typeScriptCommand(file: string): string[] {
+	if ("Deno" in globalThis) {
+		return [process.execPath, "run", "--allow-net", "--allow-env", "--allow-read=.", "--allow-sys=hostname,networkInterfaces", file];
+	}
+	if ("Bun" in globalThis) return [process.execPath, "--no-env-file", file];
+	return [process.execPath, "--import", "tsx", file];
 }
 
 export type Origin = {
@@ -35,17 +44,18 @@ export type Exit = { code: number | null; output: string };
 
 function spawnOrigin(
 	env: Record<string, string | undefined>,
-	commandLine = originCommand()
+	commandLine = originCommand(),
+	cwd = process.env.ORIGIN_CWD ?? projectRoot
 ): { child: ChildProcess; output(): string } {
 	const [command, ...args] = commandLine;
 	// The tests' environment is passed on except the origin's own variables,
 	// which each test sets (or leaves unset) on purpose.
 	const inherited = { ...process.env };
-	for (const name of ["SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES"]) {
+	for (const name of ["SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID"]) {
 		delete inherited[name];
 	}
 	const child = spawn(command, args, {
-		cwd: process.env.ORIGIN_CWD ?? projectRoot,
+		cwd,
 		env: { ...inherited, PORT: "0", LOGLEVEL: "info", ...env },
 		stdio: ["ignore", "pipe", "pipe"]
 	});
@@ -57,15 +67,15 @@ function spawnOrigin(
 
 /**
  * Starts the origin (or another command that serves the same routes) and
- * resolves once it is ready: once it has logged "Origin ready at <url>", or,
- * with `pollPort` (for LOGLEVEL=warn, which hides that line), once GET /health
- * on that port gets any HTTP answer.
+ * resolves once it is ready: once it has logged "Origin ready at <url>" (or
+ * another `readyLine`), or, with `pollPort` (for LOGLEVEL=warn, which hides
+ * that line), once GET /health on that port gets any HTTP answer.
  */
 export function startOrigin(
 	env: Record<string, string | undefined> = {},
-	{ command = originCommand(), timeoutMs = 30_000, pollPort = 0 } = {}
+	{ command = originCommand(), cwd = undefined as string | undefined, timeoutMs = 30_000, pollPort = 0, readyLine = /Origin ready at (http:\/\/\S+)/ } = {}
 ): Promise<Origin> {
-	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env, ...(pollPort && { PORT: String(pollPort) }) }, command);
+	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env, ...(pollPort && { PORT: String(pollPort) }) }, command, cwd);
 	const exited = new Promise<number | null>(resolve => child.once("exit", code => resolve(code)));
 	let settled = false;
 
@@ -105,8 +115,8 @@ export function startOrigin(
 			poll();
 		} else {
 			const onData = () => {
-				const line = /Origin ready at (http:\/\/\S+)/.exec(output());
-				if (line) ready(line[1]);
+				const line = readyLine.exec(output());
+				if (line) ready(line[1] ?? "http://localhost:0");
 			};
 			child.stdout!.on("data", onData);
 			child.stderr!.on("data", onData);

@@ -1,0 +1,59 @@
+/**
+ * Scale-out: two origins on loopback over Moleculer's built-in TCP transporter.
+ * A gateway node holds the door and the gateway but not `api`; a service node
+ * holds `api` and no secret. The door must hold across the cluster.
+ */
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { freePort, SECRET, startOrigin, type Origin } from "./origin.ts";
+
+let gatewayNode: Origin;
+let apiNode: Origin;
+
+before(async () => {
+	// A static list of both nodes on 127.0.0.1: no multicast discovery, and no
+	// traffic leaves the loopback interface.
+	const TRANSPORTER = `tcp://127.0.0.1:${await freePort()}/gateway-1,127.0.0.1:${await freePort()}/api-1`;
+	// LOGLEVEL=debug: the service node logs every request it receives.
+	apiNode = await startOrigin(
+		{ SERVICES: "api", NODE_ID: "api-1", TRANSPORTER, LOGLEVEL: "debug", SHARED_SECRET: undefined },
+		{ readyLine: /Node ready: api on api-1/ }
+	);
+	gatewayNode = await startOrigin({ SERVICES: "gateway", NODE_ID: "gateway-1", TRANSPORTER });
+});
+
+after(async () => {
+	await gatewayNode?.stop();
+	await apiNode?.stop();
+});
+
+const callsReceivedByApiNode = () =>
+	apiNode.output().match(/<= Request 'api\.protectedAction' .*received from 'gateway-1' node/g)?.length ?? 0;
+
+test("the right secret reaches api.protectedAction on the other node; a wrong one never causes a call", async () => {
+	const protectedUrl = `${gatewayNode.url}/api/protected`;
+	for (let i = 0; i < 5; i++) {
+		const wrong = await fetch(protectedUrl, { headers: { "x-shared-secret": `${SECRET.slice(0, -1)}x` } });
+		assert.equal(wrong.status, 401);
+		const missing = await fetch(protectedUrl);
+		assert.equal(missing.status, 401);
+	}
+	assert.equal(callsReceivedByApiNode(), 0, "a refused request reached the service node");
+
+	for (let i = 0; i < 3; i++) {
+		const right = await fetch(protectedUrl, { headers: { "x-shared-secret": SECRET } });
+		assert.equal(right.status, 200);
+		assert.deepEqual(await right.json(), { message: "Access granted" });
+	}
+	assert.equal(callsReceivedByApiNode(), 3);
+	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
+});
+
+test("the gateway node does not hold `api`: without the service node the action is unavailable", async () => {
+	await apiNode.stop();
+	const response = await fetch(`${gatewayNode.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
+	assert.equal(response.status, 404);
+	assert.match((await response.json()).name, /^Service(NotFound|NotAvailable)Error$/);
+	// The door still answers first.
+	assert.equal((await fetch(`${gatewayNode.url}/api/protected`)).status, 401);
+});

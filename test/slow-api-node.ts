@@ -1,0 +1,29 @@
+/**
+ * A service node for the graceful-stop test: the `api` service, but with a
+ * protectedAction that takes SLOW_MS to answer, joined to the cluster through
+ * TRANSPORTER and NODE_ID like index.ts. The delay lives here, in the test, not
+ * in the template's service.
+ */
+import { ServiceBroker } from "moleculer";
+import { setTimeout as sleep } from "node:timers/promises";
+import { ApiService } from "../service.ts";
+
+const broker = new ServiceBroker({
+	nodeID: process.env.NODE_ID,
+	logLevel: "info",
+	transporter: { type: "TCP", options: { urls: process.env.TRANSPORTER, udpDiscovery: false } }
+});
+
+broker.createService({
+	...ApiService,
+	actions: {
+		...ApiService.actions,
+		async protectedAction() {
+			await sleep(Number(process.env.SLOW_MS ?? 1500));
+			return { message: "Access granted" };
+		}
+	}
+});
+
+await broker.start();
+broker.logger.info(`Node ready: slow api on ${broker.nodeID}`);
