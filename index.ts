@@ -53,8 +53,9 @@ const gateway = runsGateway
 			// Not "api", moleculer-web's default name: that is the page's service.
 			name: "gateway",
 			mixins: [ApiGateway],
-			// Listen only once `api` can answer, here or on another node.
-			dependencies: ["api"],
+			// On a gateway-only node, listen only once `api` can answer from
+			// another node. (A local one has started when broker.start() resolves.)
+			dependencies: services.includes("api") ? [] : ["api"],
 			settings: {
 				port: Number(process.env.PORT ?? 3000),
 				routes: [
@@ -77,26 +78,16 @@ const gateway = runsGateway
 		})
 	: undefined;
 
-await broker.start();
-
-// Ready means ready: the broker has started every service, `api` is reachable
-// and the gateway is listening, so the first request after this line gets its
-// real answer. PORT=0 picks a free port; the address says which.
-const server = (gateway as unknown as { server: Server } | undefined)?.server;
-if (server) {
-	const { port } = server.address() as { port: number };
-	broker.logger.info(`Origin ready at http://localhost:${port}`);
-} else {
-	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}`);
-}
-
 // A graceful stop, for deploys: refuse new connections at once, let the
 // requests in flight finish with their real answers (the broker stays up, as
 // they may wait on other nodes), then stop the broker and exit 0. Keep-alive
 // connections are closed as soon as they fall idle; after 8 s, all are.
+// Registered before the broker starts, so no signal finds the process without
+// a handler. (moleculer-web creates its HTTP server with the service.)
+const server = (gateway as unknown as { server: Server } | undefined)?.server;
 async function stop(signal: string) {
 	broker.logger.info(`${signal}: refusing new connections, finishing the requests in flight.`);
-	if (server) {
+	if (server?.listening) {
 		const closeIdle = setInterval(() => server.closeIdleConnections(), 100);
 		const deadline = setTimeout(() => server.closeAllConnections(), 8000);
 		await new Promise(resolve => server.close(resolve));
@@ -108,6 +99,18 @@ async function stop(signal: string) {
 }
 process.once("SIGTERM", stop);
 process.once("SIGINT", stop);
+
+await broker.start();
+
+// Ready means ready: the broker has started every service, `api` is reachable
+// and the gateway is listening, so the first request after this line gets its
+// real answer. PORT=0 picks a free port; the address says which.
+if (server) {
+	const { port } = server.address() as { port: number };
+	broker.logger.info(`Origin ready at http://localhost:${port}`);
+} else {
+	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}`);
+}
 
 /* What a caller sees (with the secret from .env):
  *
