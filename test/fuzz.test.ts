@@ -56,7 +56,7 @@ before(async () => {
 });
 after(() => origin.stop());
 
-test(`${COUNT} fuzzed secrets (seed ${SEED}): only 401 or a parser's 400, never granted, never 5xx`, async () => {
+test(`${COUNT} fuzzed secrets (seed ${SEED}): only 401 or a parser's 400, never granted, never 5xx`, { timeout: 60_000 }, async () => {
 	const statuses: Record<number, number> = {};
 	let next = 0;
 	const worker = async () => {

@@ -24,7 +24,7 @@ const SETTLED_MIB = 4;
 
 const residentMiB = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) / 1024;
 
-test(`${REQUESTS} requests over ${CONNECTIONS} keep-alive connections: every answer right, memory bounded`, async t => {
+test(`${REQUESTS} requests over ${CONNECTIONS} keep-alive connections: every answer right, memory bounded`, { timeout: 90_000 }, async t => {
 	const diagnostic = (message: string) => t.diagnostic(message);
 	// LOGLEVEL=warn: 40,000 per-request log lines would measure the logger.
 	const origin = await startOrigin({ LOGLEVEL: "warn" }, { pollPort: await freePort() });

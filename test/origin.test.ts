@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { getWithSecretBytes, OLD_SECRET, rawRequest, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { exitCodesAreReliable, getWithSecretBytes, OLD_SECRET, rawRequest, SECRET, startOrigin, type Origin } from "./origin.ts";
 
 const GRANTED = { message: "Access granted" };
 
@@ -29,11 +29,6 @@ test("ready means ready: the first request after the ready line gets its real an
 	}
 });
 
-// Deno's node:child_process reports a child that exits on its own after
-// catching a signal as killed by that signal (code null). Under `deno test`
-// the clean stop is read from the broker's last log line instead.
-const exitCodesAreReliable = !("Deno" in globalThis);
-
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
 	test(`stops cleanly on ${signal}`, async () => {
 		const origin = await startOrigin();
@@ -43,7 +38,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
 	});
 }
 
-test("Deno's child exit codes after a caught signal (pins the limit above)", { skip: exitCodesAreReliable }, async () => {
+test("Deno's child exit codes after a caught signal (pins exitCodesAreReliable)", { skip: exitCodesAreReliable }, async () => {
 	const { spawn } = await import("node:child_process");
 	const child = spawn("sh", ["-c", "trap 'exit 0' TERM; sleep 5 & wait"]);
 	await new Promise(resolve => setTimeout(resolve, 300));

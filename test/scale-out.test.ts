@@ -30,7 +30,7 @@ after(async () => {
 const callsReceivedByApiNode = () =>
 	apiNode.output().match(/<= Request 'api\.protectedAction' .*received from 'gateway-1' node/g)?.length ?? 0;
 
-test("the right secret reaches api.protectedAction on the other node; a wrong one never causes a call", async () => {
+test("the right secret reaches api.protectedAction on the other node; a wrong one never causes a call", { timeout: 30_000 }, async () => {
 	const protectedUrl = `${gatewayNode.url}/api/protected`;
 	for (let i = 0; i < 5; i++) {
 		const wrong = await fetch(protectedUrl, { headers: { "x-shared-secret": `${SECRET.slice(0, -1)}x` } });
@@ -49,7 +49,7 @@ test("the right secret reaches api.protectedAction on the other node; a wrong on
 	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
 });
 
-test("the gateway node does not hold `api`: without the service node the action is unavailable", async () => {
+test("the gateway node does not hold `api`: without the service node the action is unavailable", { timeout: 30_000 }, async () => {
 	await apiNode.stop();
 	const response = await fetch(`${gatewayNode.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
 	assert.equal(response.status, 404);
