@@ -4,17 +4,17 @@
  * behind a gateway node started from index.ts.
  */
 import assert from "node:assert/strict";
-import { request } from "node:http";
+import { Agent, request } from "node:http";
 import { test } from "node:test";
 import { exitCodesAreReliable, freePort, projectRoot, SECRET, startOrigin, typeScriptCommand } from "./origin.ts";
 
 const SLOW_MS = 1500;
 
-// One request on its own connection; resolves with the status and body, or
-// with the connection error's code.
-function get(url: string, headers: Record<string, string> = {}): Promise<{ status?: number; body?: string; error?: string }> {
+// One request; resolves with the status and body, or with the connection
+// error's code. Without an agent, it opens a connection of its own.
+function get(url: string, headers: Record<string, string>, agent: Agent | false = false): Promise<{ status?: number; body?: string; error?: string }> {
 	return new Promise(resolve => {
-		request(url, { headers, agent: false }, response => {
+		request(url, { headers, agent }, response => {
 			let body = "";
 			response.setEncoding("utf8").on("data", chunk => (body += chunk));
 			response.on("end", () => resolve({ status: response.statusCode, body }));
@@ -34,7 +34,9 @@ test("SIGTERM: requests in flight get their real answer, new connections are ref
 	const gatewayNode = await startOrigin({ SERVICES: "gateway", NODE_ID: "gateway-1", TRANSPORTER, PORT: String(gatewayPort) });
 	try {
 		const url = `http://127.0.0.1:${gatewayPort}/api/protected`;
-		const inFlight = Array.from({ length: 5 }, () => get(url, { "x-shared-secret": SECRET }));
+		// Kept-alive connections, as an API gateway keeps them to its origin.
+		const gatewayPool = new Agent({ keepAlive: true });
+		const inFlight = Array.from({ length: 5 }, () => get(url, { "x-shared-secret": SECRET }, gatewayPool));
 		// Let them reach the slow action, then stop the gateway node.
 		await new Promise(resolve => setTimeout(resolve, SLOW_MS / 3));
 		const stoppedAt = Date.now();
@@ -49,6 +51,7 @@ test("SIGTERM: requests in flight get their real answer, new connections are ref
 			assert.deepEqual(JSON.parse(answer.body!), { message: "Access granted" });
 		}
 		const code = await exitCode;
+		gatewayPool.destroy();
 		assert.ok(Date.now() - stoppedAt < 10_000, `took ${Date.now() - stoppedAt} ms to exit`);
 		assert.match(gatewayNode.output(), /ServiceBroker is stopped\. Good bye\./);
 		if (exitCodesAreReliable) assert.equal(code, 0, gatewayNode.output());
