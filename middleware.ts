@@ -32,14 +32,13 @@ const COMPARE_WIDTH = 256;
 const CHALLENGE = `SharedSecret header="${HEADER}"`;
 
 // Each broker's door, made once as that broker is built (see `created`).
-const doors = new WeakMap<ServiceBroker, Door>();
-
 type Door = {
 	matchesASecret: (presented: unknown) => boolean;
 	publicRoutes: Set<string>;
 	noSecret: Error;
 	invalidSecret: Error;
 };
+const doors = new WeakMap<ServiceBroker, Door>();
 
 export const SharedSecretMiddleware: Middleware = {
 	name: "SharedSecretMiddleware",
