@@ -45,7 +45,14 @@ before(async () => {
 				{
 					path: "/v2",
 					mappingPolicy: "restrict",
-					aliases: { "GET /orders": "orders.list", "GET /status": "orders.status", "GET /meta": "orders.whatDoISee" },
+					aliases: {
+						"GET /orders": "orders.list",
+						"POST /orders": "orders.list",
+						"GET /status": "orders.status",
+						"GET /meta": "orders.whatDoISee"
+					},
+					// Parses JSON bodies: a malformed one gets 400 once parsing runs.
+					bodyParsers: { json: true },
 					// A common pattern: hand every request header to the services.
 					onBeforeCall(ctx: Context<unknown, Record<string, unknown>>, _route: unknown, req: { headers: unknown }) {
 						ctx.meta.headers = req.headers;
@@ -74,6 +81,15 @@ test("no secret and a wrong one are refused there too", async () => {
 	const wrong = await fetch(`${base}/v2/orders`, { headers: { "x-shared-secret": `${SECRET}!` } });
 	assert.equal(wrong.status, 401);
 	assert.equal((await wrong.json()).message, "Invalid secret");
+});
+
+test("the secret is checked before the body is parsed", async () => {
+	const malformed = { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" };
+	const withoutSecret = await fetch(`${base}/v2/orders`, malformed);
+	assert.equal(withoutSecret.status, 401);
+	// With the secret, the same request reaches the parser, which refuses it.
+	const withSecret = await fetch(`${base}/v2/orders`, { ...malformed, headers: { ...malformed.headers, "x-shared-secret": SECRET } });
+	assert.equal(withSecret.status, 400);
 });
 
 test("its own public path is public, and the template's /health is not", async () => {
