@@ -9,7 +9,7 @@
  * that holds the door and the gateway, and SERVICES=api one that holds the
  * service (see "Scaling out" in the README).
  */
-import { ServiceBroker, type BrokerOptions } from "moleculer";
+import { ServiceBroker, type BrokerOptions, type LogLevels } from "moleculer";
 import ApiGateway from "moleculer-web";
 import type { Server } from "node:http";
 import { SharedSecretMiddleware } from "./middleware.ts";
@@ -39,7 +39,7 @@ function readTransporter(value: string | undefined): BrokerOptions["transporter"
 // node without the gateway serves no HTTP and needs no secret.
 const broker = new ServiceBroker({
 	nodeID: process.env.NODE_ID || undefined,
-	logLevel: (process.env.LOGLEVEL ?? "info") as "info",
+	logLevel: (process.env.LOGLEVEL ?? "info") as LogLevels,
 	transporter: readTransporter(process.env.TRANSPORTER),
 	middlewares: runsGateway ? [SharedSecretMiddleware] : [],
 	// SIGTERM and SIGINT are handled below, to drain HTTP before the broker stops.

@@ -12,7 +12,7 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server } from "node:http";
-import { Errors, ServiceBroker, type ActionHandler, type ActionSchema, type Context, type Middleware } from "moleculer";
+import { Errors, ServiceBroker, type ActionHandler, type ActionSchema, type Context, type LogLevels, type Middleware } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { ApiService } from "../service.ts";
 
@@ -41,7 +41,7 @@ const PageStyleCheck: Middleware = {
 };
 
 const broker = new ServiceBroker({
-	logLevel: (process.env.LOGLEVEL ?? "warn") as "warn",
+	logLevel: (process.env.LOGLEVEL ?? "warn") as LogLevels,
 	middlewares: contender === "page" ? [PageStyleCheck] : []
 });
 
