@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { Agent, request } from "node:http";
 import { test } from "node:test";
-import { exitCodesAreReliable, freePort, projectRoot, SECRET, startOrigin, typeScriptCommand } from "./origin.ts";
+import { exitCodesAreReliable, freePort, projectRoot, SECRET, startOrigin, typeScriptCommand, waitFor } from "./origin.ts";
 
 const SLOW_MS = 1500;
 
@@ -28,7 +28,7 @@ test("SIGTERM: requests in flight get their real answer, new connections are ref
 	const gatewayPort = await freePort();
 	const TRANSPORTER = `tcp://127.0.0.1:${await freePort()}/gateway-1,127.0.0.1:${await freePort()}/slow-api-1`;
 	const apiNode = await startOrigin(
-		{ NODE_ID: "slow-api-1", TRANSPORTER, SLOW_MS: String(SLOW_MS) },
+		{ NODE_ID: "slow-api-1", TRANSPORTER, SLOW_MS: String(SLOW_MS), LOGLEVEL: "debug" },
 		{ command: typeScriptCommand("test/slow-api-node.ts"), cwd: projectRoot, readyLine: /Node ready: slow api/ }
 	);
 	const gatewayNode = await startOrigin({ SERVICES: "gateway", NODE_ID: "gateway-1", TRANSPORTER, PORT: String(gatewayPort) });
@@ -37,8 +37,9 @@ test("SIGTERM: requests in flight get their real answer, new connections are ref
 		// Kept-alive connections, as an API gateway keeps them to its origin.
 		const gatewayPool = new Agent({ keepAlive: true });
 		const inFlight = Array.from({ length: 5 }, () => get(url, { "x-shared-secret": SECRET }, gatewayPool));
-		// Let them reach the slow action, then stop the gateway node.
-		await new Promise(resolve => setTimeout(resolve, SLOW_MS / 3));
+		// Once all five are inside the slow action, stop the gateway node.
+		const received = () => apiNode.output().match(/<= Request 'api\.protectedAction'/g)?.length ?? 0;
+		await waitFor(() => received() === 5, "five requests to reach the slow action", SLOW_MS);
 		const stoppedAt = Date.now();
 		const exitCode = gatewayNode.stop("SIGTERM");
 		await new Promise(resolve => setTimeout(resolve, 200));

@@ -130,6 +130,15 @@ export function startOrigin(
 	});
 }
 
+/** Resolves once `condition()` holds, polling; rejects with `what` after `timeoutMs`. */
+export async function waitFor(condition: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+	const deadline = Date.now() + timeoutMs;
+	while (!condition()) {
+		if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+		await new Promise(resolve => setTimeout(resolve, 20));
+	}
+}
+
 /** A port that was free a moment ago, for a server that must be told its port. */
 export function freePort(): Promise<number> {
 	return new Promise((resolve, reject) => {

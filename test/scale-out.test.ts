@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { freePort, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { freePort, SECRET, startOrigin, waitFor, type Origin } from "./origin.ts";
 
 let gatewayNode: Origin;
 let apiNode: Origin;
@@ -45,6 +45,8 @@ test("the right secret reaches api.protectedAction on the other node; a wrong on
 		assert.equal(right.status, 200);
 		assert.deepEqual(await right.json(), { message: "Access granted" });
 	}
+	// The service node's log lines arrive through a pipe, a moment after the answers.
+	await waitFor(() => callsReceivedByApiNode() >= 3, "the service node to log 3 requests");
 	assert.equal(callsReceivedByApiNode(), 3);
 	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
 });

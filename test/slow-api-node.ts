@@ -4,13 +4,14 @@
  * TRANSPORTER and NODE_ID like index.ts. The delay lives here, in the test, not
  * in the template's service.
  */
-import { ServiceBroker } from "moleculer";
+import { ServiceBroker, type LogLevels } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiService } from "../service.ts";
 
 const broker = new ServiceBroker({
 	nodeID: process.env.NODE_ID,
-	logLevel: "info",
+	// At "debug", Moleculer logs each request this node receives.
+	logLevel: (process.env.LOGLEVEL ?? "info") as LogLevels,
 	transporter: { type: "TCP", options: { urls: process.env.TRANSPORTER, udpDiscovery: false } }
 });
 
