@@ -83,7 +83,8 @@ const gateway = runsGateway
 // they may wait on other nodes), then stop the broker and exit 0. Keep-alive
 // connections are closed as soon as they fall idle; after 8 s, all are.
 // Registered before the broker starts, so no signal finds the process without
-// a handler. (moleculer-web creates its HTTP server with the service.)
+// a handler; `once`, so a second Ctrl+C ends it at once. (moleculer-web
+// creates its HTTP server with the service.)
 const server = (gateway as unknown as { server: Server } | undefined)?.server;
 async function stop(signal: string) {
 	broker.logger.info(`${signal}: refusing new connections, finishing the requests in flight.`);
