@@ -10,7 +10,8 @@
  *
  * It is configured by the environment alone:
  *   SHARED_SECRET  one secret, or several separated by commas ("new,old") while
- *                  you rotate. Each is at least 32 characters: `openssl rand -hex 32`.
+ *                  you rotate. Each is at least 32 visible ASCII characters:
+ *                  `openssl rand -hex 32`.
  *   PUBLIC_PATHS   optional, comma-separated "METHOD /exact/path" entries that
  *                  pass without the secret, e.g. "GET /health". Nothing by default.
  *
@@ -87,7 +88,10 @@ export const SharedSecretMiddleware: Middleware = {
 			// header lookup in moleculer-web cost 5% more per request.
 			if (presented !== undefined) req.headers[HEADER] = undefined;
 
-			if (!publicRoutes.has(routeKey(req))) {
+			// With no public routes (the middleware's default), no request
+			// pays for building its route key.
+			const isPublic = publicRoutes.size > 0 && publicRoutes.has(routeKey(req));
+			if (!isPublic) {
 				if (presented === undefined || presented === "") {
 					return refuse(gateway, req, res, noSecret);
 				}

@@ -29,6 +29,18 @@ test("ready means ready: the first request after the ready line gets its real an
 	}
 });
 
+test("PUBLIC_PATHS set empty makes nothing public, /health included", async () => {
+	const origin = await startOrigin({ PUBLIC_PATHS: "" });
+	try {
+		const health = await fetch(`${origin.url}/health`);
+		expectRefusal(health.status, await health.json(), "No secret provided");
+		const withSecret = await fetch(`${origin.url}/health`, { headers: { "x-shared-secret": SECRET } });
+		assert.equal(withSecret.status, 200);
+	} finally {
+		await origin.stop();
+	}
+});
+
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
 	test(`stops cleanly on ${signal}`, async () => {
 		const origin = await startOrigin();
