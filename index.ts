@@ -34,6 +34,19 @@ function readTransporter(value: string | undefined): BrokerOptions["transporter"
 	return value as BrokerOptions["transporter"];
 }
 
+// METRICS_PORT turns on Moleculer's metrics with its Prometheus reporter:
+// request counts and latencies per action, and the door's own counters (which
+// secret entry is in use, refusals by reason). That port is NOT behind the
+// door, so it listens on 127.0.0.1 unless METRICS_HOST names another address:
+// make that a private interface that only your scraper reaches.
+const metricsPort = Number(process.env.METRICS_PORT || 0);
+const metrics: BrokerOptions["metrics"] = metricsPort
+	? {
+			enabled: true,
+			reporter: { type: "Prometheus", options: { host: process.env.METRICS_HOST || "127.0.0.1", port: metricsPort } }
+		}
+	: false;
+
 // The middleware reads SHARED_SECRET as the broker is built and stops the
 // process with one line if it is missing or weak: nothing below runs then. A
 // node without the gateway serves no HTTP and needs no secret.
@@ -41,6 +54,7 @@ const broker = new ServiceBroker({
 	nodeID: process.env.NODE_ID || undefined,
 	logLevel: (process.env.LOGLEVEL ?? "info") as LogLevels,
 	transporter: readTransporter(process.env.TRANSPORTER),
+	metrics,
 	middlewares: runsGateway ? [SharedSecretMiddleware] : [],
 	// SIGTERM and SIGINT are handled below, to drain HTTP before the broker stops.
 	skipProcessEventRegistration: true

@@ -122,11 +122,11 @@ function nanosecondsPerCall(fn: (value: string) => unknown, values: string[], ca
 	return Number(process.hrtime.bigint() - start) / calls;
 }
 
-const matches = createSecretMatcher([SECRET]);
+const whichSecret = createSecretMatcher([SECRET]);
 const expectedDigest = createHash("sha256").update(SECRET).digest();
 const hashed = (value: string) => timingSafeEqual(createHash("sha256").update(value).digest(), expectedDigest);
 const samples = [SECRET, WRONG_SECRET, "short", SECRET.slice(0, -1)];
-const compareNs = nanosecondsPerCall(matches, samples);
+const compareNs = nanosecondsPerCall(whichSecret, samples);
 const hashNs = nanosecondsPerCall(hashed, samples);
 
 // --- The servers ----------------------------------------------------------------

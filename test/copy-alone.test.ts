@@ -6,10 +6,10 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import type { Server } from "node:http";
-import { ServiceBroker, type Context } from "moleculer";
+import { Errors, ServiceBroker, type BrokerOptions, type Context, type ServiceSchema } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
-import { SECRET } from "./origin.ts";
+import { OLD_SECRET, SECRET } from "./origin.ts";
 
 let broker: ServiceBroker;
 let base: string;
@@ -111,4 +111,89 @@ test("calls and events inside the broker carry no headers and are not affected",
 	await broker.emit("order.created", { id: 2 });
 	await new Promise(resolve => setImmediate(resolve));
 	assert.deepEqual(eventsSeen, [{ id: 2 }]);
+});
+
+/** Another broker with the middleware and one gateway route, for the tests below. */
+async function startGateway(brokerOptions: BrokerOptions, gatewaySettings: Record<string, unknown>, actions: ServiceSchema["actions"]) {
+	const other = new ServiceBroker({ logger: false, ...brokerOptions, middlewares: [SharedSecretMiddleware] });
+	other.createService({ name: "jobs", actions });
+	const gateway = other.createService({
+		name: "edge",
+		mixins: [ApiGateway],
+		settings: { port: 0, ip: "127.0.0.1", routes: [{ path: "/", aliases: { "GET /run": "jobs.run" } }], ...gatewaySettings }
+	});
+	await other.start();
+	const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
+	return { broker: other, url: `http://127.0.0.1:${port}/run` };
+}
+
+test("under a broker retryPolicy, the right secret gets the service's own error on every attempt, never a 401", async () => {
+	let attempts = 0;
+	const { broker: other, url } = await startGateway(
+		{ retryPolicy: { enabled: true, retries: 2, delay: 10 } },
+		{},
+		{
+			run() {
+				attempts++;
+				throw new Errors.MoleculerRetryableError("busy, try again", 503, "BUSY");
+			}
+		}
+	);
+	try {
+		const response = await fetch(url, { headers: { "x-shared-secret": SECRET } });
+		assert.equal(response.status, 503);
+		assert.equal((await response.json()).type, "BUSY");
+		// The broker retries jobs.run twice, then retries the gateway's `rest`
+		// twice, and each attempt of `rest` calls jobs.run three times: 3 × 3.
+		assert.equal(attempts, 9, "every attempt of the gateway's rest passed the door");
+
+		attempts = 0;
+		const wrong = await fetch(url, { headers: { "x-shared-secret": OLD_SECRET } });
+		assert.equal(wrong.status, 401);
+		assert.equal(attempts, 0, "a refused request never reaches the service, on any attempt");
+	} finally {
+		await other.stop();
+	}
+});
+
+test("a gateway-wide onError sees each refusal, and what it changes stays with that request", async () => {
+	const { broker: other, url } = await startGateway(
+		{},
+		{
+			onError(_req: unknown, res: import("node:http").ServerResponse, error: Error & { code: number }) {
+				const first = error.message;
+				// A careless onError that changes the error it was handed.
+				error.message = `changed: ${error.message}`;
+				res.writeHead(error.code, { "Content-Type": "text/plain" });
+				res.end(`custom ${first}`);
+			}
+		},
+		{ run: () => "ran" }
+	);
+	try {
+		for (let i = 0; i < 2; i++) {
+			const response = await fetch(url, { headers: { "x-shared-secret": "wrong" } });
+			assert.equal(response.status, 401);
+			assert.equal(response.headers.get("www-authenticate"), 'SharedSecret header="x-shared-secret"');
+			assert.equal(await response.text(), "custom Invalid secret");
+		}
+	} finally {
+		await other.stop();
+	}
+});
+
+test("the door's metrics are registered only when the broker's metrics are on", async () => {
+	const names = ["shared_secret.accepted.total", "shared_secret.refused.total", "shared_secret.last_seen.seconds"];
+	const withMetrics = await startGateway({ metrics: { enabled: true } }, {}, { run: () => "ran" });
+	try {
+		for (const name of names) assert.ok(withMetrics.broker.metrics.getMetric(name), name);
+	} finally {
+		await withMetrics.broker.stop();
+	}
+	const without = await startGateway({}, {}, { run: () => "ran" });
+	try {
+		for (const name of names) assert.equal(without.broker.metrics.getMetric(name), null, name);
+	} finally {
+		await without.broker.stop();
+	}
 });

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { exitCodesAreReliable, getWithSecretBytes, OLD_SECRET, rawRequest, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { exitCodesAreReliable, getWithSecretBytes, OLD_SECRET, rawRequest, SECRET, startOrigin, waitFor, type Origin } from "./origin.ts";
 
 const GRANTED = { message: "Access granted" };
 
@@ -108,6 +108,16 @@ describe("the origin", () => {
 			expectRefusal(response.status, await response.json(), "Invalid secret");
 			assert.equal(response.headers.get("www-authenticate"), 'SharedSecret header="x-shared-secret"');
 		}
+	});
+
+	test("the 401 is exactly moleculer-web's, byte for byte, and logged as moleculer-web logs a response", async () => {
+		const response = await rawRequest(origin.port, "GET /api/protected?from=raw HTTP/1.1\r\nHost: origin\r\nx-shared-secret: nope\r\nConnection: close\r\n\r\n");
+		assert.equal(response.status, 401);
+		assert.equal(response.headers["content-type"], "application/json; charset=utf-8");
+		assert.equal(response.headers["www-authenticate"], 'SharedSecret header="x-shared-secret"');
+		assert.equal(response.body, '{"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}');
+		assert.equal(Number(response.headers["content-length"]), response.body.length);
+		await waitFor(() => /<= .*401.* GET .*\/api\/protected\?from=raw/.test(origin.output()), "moleculer-web's response line");
 	});
 
 	test("bad bytes get 401, never 500: >= 0x80, UTF-8, 8 KB, a repeated header", async () => {

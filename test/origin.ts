@@ -57,7 +57,10 @@ function spawnOrigin(
 	// The tests' environment is passed on except the origin's own variables,
 	// which each test sets (or leaves unset) on purpose.
 	const inherited = { ...process.env };
-	for (const name of ["SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID"]) {
+	for (const name of [
+		"SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID",
+		"SHARED_SECRET_REPORT_SECONDS", "SHARED_SECRET_QUIET_SECONDS", "METRICS_PORT", "METRICS_HOST"
+	]) {
 		delete inherited[name];
 	}
 	const child = spawn(command, args, {
