@@ -2,71 +2,94 @@
  * The benchmark's other contenders, each the template's `api` service behind the
  * same moleculer-web route as index.ts, so that only the guard differs:
  *
- *   CONTENDER=baseline  no guard at all.
+ *   CONTENDER=baseline  no guard at all (with METRICS_PORT, Moleculer's metrics
+ *                       on, as index.ts turns them on).
  *   CONTENDER=page      the public page's approach as it is commonly fixed: a
  *                       route hook copies the header into ctx.meta, and a check
  *                       inside every action hashes it with createHash and throws
  *                       a plain MoleculerClientError.
+ *   CONTENDER=floor     no Moleculer at all: node:http answering every request
+ *                       with the template's 401, byte for byte. Nothing written
+ *                       on Node can refuse for less.
  *
  * The template itself is benchmarked as index.ts, unchanged.
  */
 import { createHash, timingSafeEqual } from "node:crypto";
-import type { IncomingMessage, Server } from "node:http";
+import { createServer, type IncomingMessage, type Server } from "node:http";
 import { Errors, ServiceBroker, type ActionHandler, type ActionSchema, type Context, type LogLevels, type Middleware } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { ApiService } from "../service.ts";
 
 const contender = process.env.CONTENDER;
-if (contender !== "baseline" && contender !== "page") throw new Error(`CONTENDER must be baseline or page, not ${contender}`);
+if (contender !== "baseline" && contender !== "page" && contender !== "floor") {
+	throw new Error(`CONTENDER must be baseline, page or floor, not ${contender}`);
+}
 
-// Digest the expected secret once: the fairest version of the page's check.
-const expectedDigest = createHash("sha256").update(process.env.SHARED_SECRET ?? "").digest();
+// The floor: no broker is even built.
+if (contender === "floor") {
+	const body = '{"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}';
+	const headers = {
+		"Content-type": "application/json; charset=utf-8",
+		"Content-Length": String(body.length),
+		"WWW-Authenticate": 'SharedSecret header="x-shared-secret"'
+	};
+	createServer((_req, res) => res.writeHead(401, headers).end(body)).listen(Number(process.env.PORT ?? 0));
+} else {
+	await startMoleculer();
+}
 
-const PageStyleCheck: Middleware = {
-	name: "PageStyleCheck",
-	localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
-		// The common fix for the page's defects 3 and 8: leave the gateway's own
-		// actions and Moleculer's internal ones alone.
-		if (action.service?.name === "gateway" || action.name?.startsWith("$")) return next;
-		return function pageStyleCheck(this: unknown, ctx: Context<unknown, { secret?: string }>) {
-			const presented = ctx.meta.secret;
-			if (!presented) throw new Errors.MoleculerClientError("No secret provided", 401, "NO_SECRET");
-			const digest = createHash("sha256").update(presented).digest();
-			if (!timingSafeEqual(digest, expectedDigest)) {
-				throw new Errors.MoleculerClientError("Invalid secret", 401, "INVALID_SECRET");
-			}
-			return next.call(this as never, ctx);
-		};
-	}
-};
+async function startMoleculer() {
+	// Digest the expected secret once: the fairest version of the page's check.
+	const expectedDigest = createHash("sha256").update(process.env.SHARED_SECRET ?? "").digest();
 
-const broker = new ServiceBroker({
-	logLevel: (process.env.LOGLEVEL ?? "warn") as LogLevels,
-	middlewares: contender === "page" ? [PageStyleCheck] : []
-});
+	const PageStyleCheck: Middleware = {
+		name: "PageStyleCheck",
+		localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
+			// The common fix for the page's defects 3 and 8: leave the gateway's own
+			// actions and Moleculer's internal ones alone.
+			if (action.service?.name === "gateway" || action.name?.startsWith("$")) return next;
+			return function pageStyleCheck(this: unknown, ctx: Context<unknown, { secret?: string }>) {
+				const presented = ctx.meta.secret;
+				if (!presented) throw new Errors.MoleculerClientError("No secret provided", 401, "NO_SECRET");
+				const digest = createHash("sha256").update(presented).digest();
+				if (!timingSafeEqual(digest, expectedDigest)) {
+					throw new Errors.MoleculerClientError("Invalid secret", 401, "INVALID_SECRET");
+				}
+				return next.call(this as never, ctx);
+			};
+		}
+	};
 
-broker.createService(ApiService);
+	const metricsPort = Number(process.env.METRICS_PORT || 0);
+	const broker = new ServiceBroker({
+		logLevel: (process.env.LOGLEVEL ?? "warn") as LogLevels,
+		middlewares: contender === "page" ? [PageStyleCheck] : [],
+		metrics: metricsPort ? { enabled: true, reporter: { type: "Prometheus", options: { host: "127.0.0.1", port: metricsPort } } } : false
+	});
 
-const gateway = broker.createService({
-	name: "gateway",
-	mixins: [ApiGateway],
-	settings: {
-		port: Number(process.env.PORT ?? 0),
-		routes: [
-			{
-				path: "/",
-				mappingPolicy: "restrict",
-				aliases: { "GET /api/protected": "api.protectedAction", "GET /health": "api.health" },
-				...(contender === "page" && {
-					onBeforeCall(ctx: Context<unknown, { secret?: string }>, _route: unknown, req: IncomingMessage) {
-						ctx.meta.secret = req.headers["x-shared-secret"] as string | undefined;
-					}
-				})
-			}
-		]
-	}
-});
+	broker.createService(ApiService);
 
-await broker.start();
-const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
-broker.logger.info(`Origin ready at http://localhost:${port}`);
+	const gateway = broker.createService({
+		name: "gateway",
+		mixins: [ApiGateway],
+		settings: {
+			port: Number(process.env.PORT ?? 0),
+			routes: [
+				{
+					path: "/",
+					mappingPolicy: "restrict",
+					aliases: { "GET /api/protected": "api.protectedAction", "GET /health": "api.health" },
+					...(contender === "page" && {
+						onBeforeCall(ctx: Context<unknown, { secret?: string }>, _route: unknown, req: IncomingMessage) {
+							ctx.meta.secret = req.headers["x-shared-secret"] as string | undefined;
+						}
+					})
+				}
+			]
+		}
+	});
+
+	await broker.start();
+	const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
+	broker.logger.info(`Origin ready at http://localhost:${port}`);
+}
