@@ -120,11 +120,15 @@ await broker.start();
 // Ready means ready: the broker has started every service, `api` is reachable
 // and the gateway is listening, so the first request after this line gets its
 // real answer. PORT=0 picks a free port; the address says which.
+// The line also names the runtime, as each one reports itself through
+// node:process, so you can see which one `deno task start` or `bun run start`
+// really started.
+const runtime = process.versions.deno ? `Deno ${process.versions.deno}` : process.versions.bun ? `Bun ${process.versions.bun}` : `Node ${process.version}`;
 if (server) {
 	const { port } = server.address() as { port: number };
-	broker.logger.info(`Origin ready at http://localhost:${port}`);
+	broker.logger.info(`Origin ready at http://localhost:${port} on ${runtime}`);
 } else {
-	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}`);
+	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}, ${runtime}`);
 }
 
 /* What a caller sees (with the secret from .env):

@@ -24,6 +24,8 @@ test("ready means ready: the first request after the ready line gets its real an
 		const response = await fetch(`${origin.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
 		assert.equal(response.status, 200);
 		assert.deepEqual(await response.json(), GRANTED);
+		// The ready line names the runtime, so a start command can be checked.
+		assert.match(origin.output(), /Origin ready at http:\/\/\S+ on (Node v|Deno |Bun )\d+\.\d+\.\d+/);
 	} finally {
 		await origin.stop();
 	}

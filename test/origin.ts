@@ -21,10 +21,15 @@ export function originCommand(): string[] {
 	return typeScriptCommand("index.ts");
 }
 
+// What Deno's --allow-sys must grant: moleculer reads the host name and the
+// network interfaces; with metrics on, it also reads the OS's release, memory,
+// uptime and load (the README's runtime table says the same).
+const DENO_SYS_WITH_METRICS = "hostname,networkInterfaces,osRelease,systemMemoryInfo,osUptime,loadavg";
+
 /** How the runtime running the tests runs one of the tests' own .ts files (from projectRoot). */
 export function typeScriptCommand(file: string): string[] {
 	if ("Deno" in globalThis) {
-		return [process.execPath, "run", "--allow-net", "--allow-env", "--allow-read=.", "--allow-sys=hostname,networkInterfaces", file];
+		return [process.execPath, "run", "--allow-net", "--allow-env", "--allow-read=.", `--allow-sys=${DENO_SYS_WITH_METRICS}`, file];
 	}
 	if ("Bun" in globalThis) return [process.execPath, "--no-env-file", file];
 	return [process.execPath, "--import", "tsx", file];
