@@ -9,7 +9,7 @@
  * that holds the door and the gateway, and SERVICES=api one that holds the
  * service (see "Scaling out" in the README).
  */
-import { ServiceBroker, type BrokerOptions, type LogLevels } from "moleculer";
+import { Errors, ServiceBroker, type BrokerOptions, type Context, type LogLevels } from "moleculer";
 import ApiGateway from "moleculer-web";
 import type { Server } from "node:http";
 import { SharedSecretMiddleware } from "./middleware.ts";
@@ -24,15 +24,54 @@ const services = (process.env.SERVICES ?? "gateway,api").split(",").map(name => 
 const runsGateway = services.includes("gateway");
 
 // Unset, the broker runs alone. Otherwise TRANSPORTER is Moleculer's own
-// transporter string ("TCP", "nats://host:4222", "redis://host:6379", ...). A
-// "tcp://host:port/nodeID,..." list names every node, so the multicast
-// discovery that plain "TCP" uses is turned off for it.
+// transporter string ("nats://host:4222", "redis://host:6379", "TCP", ...).
+// A "tcp://host:port/nodeID,..." list names every node, so the multicast
+// discovery that plain "TCP" uses is turned off for it. For NATS, a user and
+// password go in the URL (nats://user:password@host:4222) and a token in
+// NATS_TOKEN (in the URL, moleculer would read it as a user name); NATS retries
+// a lost connection every 500 ms, so a restarted server is back within a second.
+const transporterUrl = process.env.TRANSPORTER;
 function readTransporter(value: string | undefined): BrokerOptions["transporter"] {
 	if (!value) return undefined;
 	if (value.startsWith("tcp://")) return { type: "TCP", options: { urls: value, udpDiscovery: false } };
+	if (value.startsWith("nats://")) {
+		return { type: "NATS", options: { url: value, token: process.env.NATS_TOKEN || undefined, reconnectTimeWait: 500 } };
+	}
 	// moleculer's types list only the names; its resolver also takes URLs.
 	return value as BrokerOptions["transporter"];
 }
+
+// In a cluster, a call can be lost: its node dies mid-call, or NATS restarts.
+// These defaults lose no request when an api node is killed or restarted or
+// NATS is down for a few seconds (test/cluster.test.ts injects each fault;
+// the README has the table). Starting points: measure them for your services.
+const cluster: Partial<BrokerOptions> = transporterUrl
+	? {
+			// A call with no answer in 500 ms fails with a retryable
+			// RequestTimeoutError instead of waiting forever. An action that
+			// is slower by design sets its own `timeout`.
+			requestTimeout: 500,
+			// Retried 5 times, 100 ms to 1 s apart: about 5 s in all with the
+			// timeouts, longer than a NATS restart. Only actions that declare
+			// `retryPolicy: { enabled: true }` are retried (the api service's
+			// GETs do): a call that changes something may have run already.
+			retryPolicy: { enabled: false, retries: 5, delay: 100, maxDelay: 1000, factor: 2 },
+			// A retry goes through a NATS queue group, which only reaches
+			// nodes that are connected, not back to the dead one.
+			disableBalancer: transporterUrl.startsWith("nats://"),
+			// A node that vanishes without a goodbye (kill -9) is dropped after
+			// 6 s, not Moleculer's 30 s (keep it above NATS's failover time).
+			heartbeatInterval: 2,
+			heartbeatTimeout: 6,
+			// An api node announces its services at once, so its "Node ready"
+			// means gateways can route to it (Moleculer waits 1 s by default).
+			// (moleculer's types do not list this option of its own.)
+			transit: { serviceChangedDebounceTime: 0 } as BrokerOptions["transit"],
+			// On stop, the requests in flight finish (up to 5 s) before the
+			// node leaves the cluster.
+			tracking: { enabled: true, shutdownTimeout: 5000 }
+		}
+	: {};
 
 // METRICS_PORT turns on Moleculer's metrics with its Prometheus reporter:
 // request counts and latencies per action, and the door's own counters (which
@@ -53,7 +92,8 @@ const metrics: BrokerOptions["metrics"] = metricsPort
 const broker = new ServiceBroker({
 	nodeID: process.env.NODE_ID || undefined,
 	logLevel: (process.env.LOGLEVEL ?? "info") as LogLevels,
-	transporter: readTransporter(process.env.TRANSPORTER),
+	transporter: readTransporter(transporterUrl),
+	...cluster,
 	metrics,
 	middlewares: runsGateway ? [SharedSecretMiddleware] : [],
 	// SIGTERM and SIGINT are handled below, to drain HTTP before the broker stops.
@@ -70,6 +110,21 @@ const gateway = runsGateway
 			// On a gateway-only node, listen only once `api` can answer from
 			// another node. (A local one has started when broker.start() resolves.)
 			dependencies: services.includes("api") ? [] : ["api"],
+			hooks: {
+				error: {
+					// With no api node left, Moleculer answers "service not
+					// available", which moleculer-web sends as a 404. A load
+					// balancer or gateway reads a 503 with Retry-After as
+					// "try another origin, or again shortly".
+					rest(ctx: Context<unknown, { $responseHeaders?: Record<string, string> }>, error: Error) {
+						if (error instanceof Errors.ServiceNotAvailableError || error instanceof Errors.ServiceNotFoundError) {
+							ctx.meta.$responseHeaders = { "Retry-After": "1" };
+							throw new Errors.MoleculerServerError("No api node is available; try again shortly.", 503, "SERVICE_UNAVAILABLE");
+						}
+						throw error;
+					}
+				}
+			},
 			settings: {
 				port: Number(process.env.PORT ?? 3000),
 				routes: [
@@ -115,7 +170,24 @@ async function stop(signal: string) {
 process.once("SIGTERM", stop);
 process.once("SIGINT", stop);
 
+// Fail fast: Moleculer retries a transporter it cannot reach forever, and a
+// gateway node would never listen. A node that has not connected in 30 s (host
+// unreachable, credentials wrong) says why in one line, without the password
+// or token, and exits 1 for its supervisor to see. (Connected, it may wait on
+// for `api` as long as it takes.)
+const JOIN_SECONDS = 30;
+let lastTransporterError = "no answer";
+broker.localBus.on("$transporter.error", ({ error }: { error?: Error }) => (lastTransporterError = error?.message ?? lastTransporterError));
+const joinDeadline = transporterUrl
+	? setTimeout(() => {
+			if (broker.transit?.connected) return;
+			broker.logger.fatal(`Cannot join the cluster at ${withoutCredentials(transporterUrl)} after ${JOIN_SECONDS} s: ${withoutCredentials(lastTransporterError)}`);
+			process.exit(1);
+		}, JOIN_SECONDS * 1000)
+	: undefined;
+
 await broker.start();
+clearTimeout(joinDeadline);
 
 // Ready means ready: the broker has started every service, `api` is reachable
 // and the gateway is listening, so the first request after this line gets its
@@ -129,6 +201,14 @@ if (server) {
 	broker.logger.info(`Origin ready at http://localhost:${port} on ${runtime}`);
 } else {
 	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}, ${runtime}`);
+}
+
+function withoutCredentials(text: string): string {
+	let safe = text.replace(/\/\/[^/@\s]*@/g, "//***@");
+	for (const secret of [process.env.NATS_TOKEN, transporterUrl && URL.parse(transporterUrl)?.password]) {
+		if (secret) safe = safe.replaceAll(secret, "***");
+	}
+	return safe;
 }
 
 /* What a caller sees (with the secret from .env):

@@ -13,6 +13,10 @@ export const ApiService: ServiceSchema = {
 	actions: {
 		// GET /api/protected: reachable only with the right x-shared-secret.
 		protectedAction: {
+			// Safe to run twice, so in a cluster a call lost with a dying node
+			// is retried on another (index.ts sets how often). Leave this out
+			// of any action that changes something.
+			retryPolicy: { enabled: true },
 			handler() {
 				return { message: "Access granted" };
 			}
@@ -21,6 +25,7 @@ export const ApiService: ServiceSchema = {
 		// GET /health: public, so a load balancer or uptime check needs no
 		// secret. It says only that the process is up, nothing more.
 		health: {
+			retryPolicy: { enabled: true },
 			handler() {
 				return { status: "ok" };
 			}

@@ -51,11 +51,18 @@ test("the right secret reaches api.protectedAction on the other node; a wrong on
 	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
 });
 
-test("the gateway node does not hold `api`: without the service node the action is unavailable", { timeout: 30_000 }, async () => {
+test("the gateway node does not hold `api`: without the service node it answers 503 with Retry-After", { timeout: 30_000 }, async () => {
 	await apiNode.stop();
 	const response = await fetch(`${gatewayNode.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
-	assert.equal(response.status, 404);
-	assert.match((await response.json()).name, /^Service(NotFound|NotAvailable)Error$/);
+	// A load balancer reads 503 as "try another origin"; a 404 would say the route is gone.
+	assert.equal(response.status, 503);
+	assert.equal(response.headers.get("retry-after"), "1");
+	assert.deepEqual(await response.json(), {
+		name: "MoleculerServerError",
+		message: "No api node is available; try again shortly.",
+		code: 503,
+		type: "SERVICE_UNAVAILABLE"
+	});
 	// The door still answers first.
 	assert.equal((await fetch(`${gatewayNode.url}/api/protected`)).status, 401);
 });
