@@ -4,7 +4,7 @@
  * TRANSPORTER and NODE_ID like index.ts. The delay lives here, in the test, not
  * in the template's service.
  */
-import { ServiceBroker, type LogLevels } from "moleculer";
+import { ServiceBroker, type ActionSchema, type LogLevels } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiService } from "../service.ts";
 
@@ -27,7 +27,8 @@ broker.createService({
 				await sleep(Number(process.env.SLOW_MS ?? 1500));
 				return { message: "Access granted" };
 			}
-		}
+			// moleculer's types leave out the `timeout` that its timeout middleware reads.
+		} as ActionSchema
 	}
 });
 
