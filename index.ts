@@ -9,7 +9,7 @@
  * that holds the door and the gateway, and SERVICES=api one that holds the
  * service (see "Scaling out" in the README).
  */
-import { Errors, ServiceBroker, type BrokerOptions, type Context, type LogLevels } from "moleculer";
+import { Errors, ServiceBroker, type BrokerOptions, type Context, type LogLevels, type Service } from "moleculer";
 import ApiGateway from "moleculer-web";
 import type { Server } from "node:http";
 import { SharedSecretMiddleware } from "./middleware.ts";
@@ -112,16 +112,22 @@ const gateway = runsGateway
 			dependencies: services.includes("api") ? [] : ["api"],
 			hooks: {
 				error: {
-					// With no api node left, Moleculer answers "service not
-					// available", which moleculer-web sends as a 404. A load
-					// balancer or gateway reads a 503 with Retry-After as
-					// "try another origin, or again shortly".
-					rest(ctx: Context<unknown, { $responseHeaders?: Record<string, string> }>, error: Error) {
-						if (error instanceof Errors.ServiceNotAvailableError || error instanceof Errors.ServiceNotFoundError) {
-							ctx.meta.$responseHeaders = { "Retry-After": "1" };
-							throw new Errors.MoleculerServerError("No api node is available; try again shortly.", 503, "SERVICE_UNAVAILABLE");
+					// No api node known: Moleculer says "service not available",
+					// which moleculer-web would send as a 404. A gateway can
+					// know none for a moment (a rolling restart, a restarted
+					// node's announcement still on its way), so it waits up to
+					// 2 s for one and routes the request again, once. If none
+					// comes, a 503 with Retry-After, which a load balancer reads
+					// as "try another origin, or again shortly".
+					async rest(this: Service, ctx: Context<GatewayParams, ResponseMeta>, error: Error) {
+						if (!(error instanceof Errors.ServiceNotAvailableError || error instanceof Errors.ServiceNotFoundError)) throw error;
+						if (!ctx.params.waitedForApi) {
+							ctx.params.waitedForApi = true;
+							const apiIsBack = await this.broker.waitForServices("api", 2000).then(() => true, () => false);
+							if (apiIsBack) return this.actions.rest(ctx.params, { parentCtx: ctx });
 						}
-						throw error;
+						ctx.meta.$responseHeaders = { "Retry-After": "1" };
+						throw new Errors.MoleculerServerError("No api node is available; try again shortly.", 503, "SERVICE_UNAVAILABLE");
 					}
 				}
 			},
@@ -202,6 +208,9 @@ if (server) {
 } else {
 	broker.logger.info(`Node ready: ${services.join(", ")} on ${broker.nodeID}, ${runtime}`);
 }
+
+type GatewayParams = { waitedForApi?: boolean };
+type ResponseMeta = { $responseHeaders?: Record<string, string> };
 
 function withoutCredentials(text: string): string {
 	let safe = text.replace(/\/\/[^/@\s]*@/g, "//***@");
