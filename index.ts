@@ -180,20 +180,27 @@ process.once("SIGINT", stop);
 // gateway node would never listen. A node that has not connected in 30 s (host
 // unreachable, credentials wrong) says why in one line, without the password
 // or token, and exits 1 for its supervisor to see. (Connected, it may wait on
-// for `api` as long as it takes.)
+// for `api` as long as it takes.) On Deno, the NATS client can also throw an
+// uncaught socket error while refused; until it has joined, that ends the
+// node the same way.
 const JOIN_SECONDS = 30;
 let lastTransporterError = "no answer";
-broker.localBus.on("$transporter.error", ({ error }: { error?: Error }) => (lastTransporterError = error?.message ?? lastTransporterError));
+function failToJoin(reason: string): never {
+	broker.logger.fatal(`Cannot join the cluster at ${withoutCredentials(transporterUrl!)}: ${withoutCredentials(reason)}`);
+	process.exit(1);
+}
+const joinFailed = (error: Error) => failToJoin(lastTransporterError === "no answer" ? error.message : lastTransporterError);
+if (transporterUrl) {
+	broker.localBus.on("$transporter.error", ({ error }: { error?: Error }) => (lastTransporterError = error?.message ?? lastTransporterError));
+	process.on("uncaughtException", joinFailed);
+}
 const joinDeadline = transporterUrl
-	? setTimeout(() => {
-			if (broker.transit?.connected) return;
-			broker.logger.fatal(`Cannot join the cluster at ${withoutCredentials(transporterUrl)} after ${JOIN_SECONDS} s: ${withoutCredentials(lastTransporterError)}`);
-			process.exit(1);
-		}, JOIN_SECONDS * 1000)
+	? setTimeout(() => broker.transit?.connected || failToJoin(`${lastTransporterError} (not connected after ${JOIN_SECONDS} s)`), JOIN_SECONDS * 1000)
 	: undefined;
 
 await broker.start();
 clearTimeout(joinDeadline);
+process.off("uncaughtException", joinFailed);
 
 // Ready means ready: the broker has started every service, `api` is reachable
 // and the gateway is listening, so the first request after this line gets its
