@@ -144,6 +144,7 @@ const gateway = runsGateway
 						mappingPolicy: "restrict",
 						aliases: {
 							"GET /api/protected": "api.protectedAction",
+							"GET /api/whoami": "api.whoami",
 							// Public: see PUBLIC_PATHS above.
 							"GET /health": "api.health"
 						}

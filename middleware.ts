@@ -5,6 +5,8 @@
  * header `x-shared-secret` to every request it forwards. This Moleculer
  * middleware makes a moleculer-web gateway refuse, with a 401, every HTTP
  * request that does not carry that secret, so nobody can go around the gateway.
+ * The gateway may also name the caller in `x-consumer`; on a request with the
+ * secret, services read that as `ctx.meta.user.sub`.
  *
  *     new ServiceBroker({ middlewares: [SharedSecretMiddleware] })
  *
@@ -24,6 +26,8 @@ import type { ActionHandler, ActionSchema, Context, Middleware, Service, Service
 import ApiGateway from "moleculer-web";
 
 const HEADER = "x-shared-secret";
+// Who called, as the gateway vouches for it (Zuplo: request.user.sub).
+const CONSUMER_HEADER = "x-consumer";
 const MIN_SECRET_LENGTH = 32;
 
 // Secrets are compared in buffers this wide: the same work for any secret length.
@@ -86,14 +90,16 @@ export const SharedSecretMiddleware: Middleware = {
 			// answer on every attempt, not a 401.
 			if (params[PASSED_DOOR]) return next.call(this, ctx);
 			const presented = req.headers[HEADER];
+			const consumer = req.headers[CONSUMER_HEADER];
 
-			// Services never see the secret, even if a route copies req.headers
-			// into ctx.meta. Overwritten, not deleted: `delete` makes the headers
-			// a slow dictionary, which cost 5% per request in moleculer-web.
+			// Services never see the secret, nor a consumer the door did not
+			// vouch for, even if a route copies req.headers into ctx.meta.
+			// Overwritten, not deleted: `delete` makes the headers a slow
+			// dictionary, which cost 5% per request in moleculer-web.
 			if (presented !== undefined) req.headers[HEADER] = undefined;
+			if (consumer !== undefined) req.headers[CONSUMER_HEADER] = undefined;
 
-			// With no public routes (the middleware's default), no request
-			// pays for building its route key.
+			// No public routes (the default): no route key to build.
 			const isPublic = publicRoutes.size > 0 && publicRoutes.has(routeKey(req));
 			if (!isPublic) {
 				if (presented === undefined || presented === "") {
@@ -107,6 +113,9 @@ export const SharedSecretMiddleware: Middleware = {
 				}
 				tally.accepted[entry - 1]++;
 				tally.lastSeen[entry - 1] = Date.now();
+				// Only a request with the secret came through the gateway, so
+				// only its consumer header is the gateway's word.
+				if (typeof consumer === "string" && consumer !== "") (ctx.meta as { user?: object }).user = { sub: consumer };
 			}
 			params[PASSED_DOOR] = true;
 			return next.call(this, ctx);
@@ -115,17 +124,14 @@ export const SharedSecretMiddleware: Middleware = {
 };
 
 /**
- * Returns a function that tells, in constant time, which of `secrets` the
- * presented value is: its entry number (1 for the first), or 0. It never throws.
- *
- * Not a hash of both sides (the textbook way): a SHA-256 costs about 1.5 µs,
- * several percent of a whole request. The value is written into a fixed-width,
- * zero-padded buffer and compared with each zero-padded secret by
- * `timingSafeEqual`, and a separate length-equality bit is ANDed in, so a
- * prefix never matches (express-basic-auth's way). The work depends on the
- * value's length and the number of secrets, never on a secret's content or
- * length (up to COMPARE_WIDTH) nor on which one matched: every secret is
- * compared, and the entry number is added up without a branch.
+ * Returns a function that tells, in constant time, which of `secrets` the value
+ * is: its entry number (1 for the first), or 0. It never throws. Not a hash of
+ * both sides (the textbook way: a SHA-256 is several percent of a request): the
+ * value goes into a zero-padded fixed-width buffer, `timingSafeEqual` compares
+ * it with each padded secret, and a length-equality bit is ANDed in, so a prefix
+ * never matches. The work never depends on a secret's content or length (up to
+ * COMPARE_WIDTH) nor on which one matched: every secret is compared, and the
+ * entry number is added up without a branch.
  */
 export function createSecretMatcher(secrets: readonly string[]): (presented: unknown) => number {
 	const width = Math.max(COMPARE_WIDTH, ...secrets.map(secret => Buffer.byteLength(secret)));
@@ -172,12 +178,10 @@ function createReport(broker: ServiceBroker, tally: Tally) {
 	const everyMs = readSeconds("SHARED_SECRET_REPORT_SECONDS", 60) * 1000;
 	const quietAfterMs = readSeconds("SHARED_SECRET_QUIET_SECONDS", 600) * 1000;
 	const metrics = broker.isMetricsEnabled() ? registerMetrics(broker, tally) : undefined;
-	const total = tally.accepted.length;
-	const reported = { accepted: [...tally.accepted], missing: 0, invalid: 0 };
+	const [total, reported] = [tally.accepted.length, { accepted: [...tally.accepted], missing: 0, invalid: 0 }];
 	const announcedQuiet = tally.accepted.map(() => false);
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
-	let startedAt = 0;
-	let timers: ReturnType<typeof setInterval>[] = [];
+	let [startedAt, timers] = [0, [] as ReturnType<typeof setInterval>[]];
 
 	function report() {
 		for (let index = 1; index < total; index++) {
@@ -191,8 +195,7 @@ function createReport(broker: ServiceBroker, tally: Tally) {
 				log(`no request has used ${name} for ${duration(quietAfterMs)}; it can be removed.`);
 			}
 		}
-		const missing = tally.missing - reported.missing;
-		const invalid = tally.invalid - reported.invalid;
+		const [missing, invalid] = [tally.missing - reported.missing, tally.invalid - reported.invalid];
 		if (missing + invalid > 0) log(`refused ${missing + invalid} requests in the last ${duration(everyMs)}: ${missing} without a secret, ${invalid} with an invalid one.`);
 		Object.assign(reported, { accepted: [...tally.accepted], missing: tally.missing, invalid: tally.invalid });
 	}
@@ -291,16 +294,13 @@ function routeKey(req: GatewayRequest): string {
 }
 
 /**
- * The two refusals: moleculer-web's own UnAuthorizedError, in its JSON shape
- * (through its reformatError), with the page's messages. Each resolves `true`,
- * which tells moleculer-web the request was handled.
- *
- * Fast path, when the gateway has no `onError` and is not Express middleware:
- * the head and body are built once, here, and written as they are, skipping
- * moleculer-web's generic error path; the response is logged as moleculer-web
- * logs its own. Otherwise sendError gets a fresh copy of the error, so your
- * `onError` may change it without changing the next request's. Copied (about
- * 1 µs), not constructed: constructing one captures a stack trace (about 10 µs).
+ * The two refusals: moleculer-web's UnAuthorizedError in its JSON shape, with
+ * the page's messages; each resolves `true` (handled). Fast path, when the
+ * gateway has no `onError` and is not Express middleware: head and body built
+ * once, here, and written as they are, then logged as moleculer-web logs its
+ * responses. Otherwise sendError gets a fresh copy of the error, so an `onError`
+ * may change it without changing the next request's. Copied (about 1 µs), not
+ * constructed: that captures a stack trace (about 10 µs).
  */
 function createRefusals(gateway: GatewayMethods) {
 	const refusal = (message: string, type: string) => {

@@ -5,7 +5,7 @@
  * front of the HTTP gateway, so by the time an HTTP request reaches an action
  * here, the gateway has already vouched for its caller.
  */
-import type { ServiceSchema } from "moleculer";
+import type { Context, ServiceSchema } from "moleculer";
 
 export const ApiService: ServiceSchema = {
 	name: "api",
@@ -19,6 +19,17 @@ export const ApiService: ServiceSchema = {
 			retryPolicy: { enabled: true },
 			handler() {
 				return { message: "Access granted" };
+			}
+		},
+
+		// GET /api/whoami: who is calling, as any action reads it. The door puts
+		// the consumer the gateway names (Zuplo's request.user.sub) into
+		// ctx.meta.user, on requests with the secret only; otherwise there is
+		// no ctx.meta.user, and this answers null.
+		whoami: {
+			retryPolicy: { enabled: true },
+			handler(ctx: Context<unknown, { user?: { sub: string } }>) {
+				return { consumer: ctx.meta.user?.sub ?? null };
 			}
 		},
 

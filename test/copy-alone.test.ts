@@ -17,7 +17,7 @@ const eventsSeen: unknown[] = [];
 
 before(async () => {
 	process.env.SHARED_SECRET = SECRET;
-	process.env.PUBLIC_PATHS = "GET /v2/status";
+	process.env.PUBLIC_PATHS = "GET /v2/status,GET /v2/public-meta";
 	broker = new ServiceBroker({ logger: false, middlewares: [SharedSecretMiddleware] });
 
 	broker.createService({
@@ -49,7 +49,8 @@ before(async () => {
 						"GET /orders": "orders.list",
 						"POST /orders": "orders.list",
 						"GET /status": "orders.status",
-						"GET /meta": "orders.whatDoISee"
+						"GET /meta": "orders.whatDoISee",
+						"GET /public-meta": "orders.whatDoISee"
 					},
 					// Parses JSON bodies: a malformed one gets 400 once parsing runs.
 					bodyParsers: { json: true },
@@ -104,6 +105,25 @@ test("services never see the secret, even when a route copies the headers into c
 	assert.equal(meta.headers["x-trace"], "kept", "the route did copy the headers");
 	assert.equal("x-shared-secret" in meta.headers, false);
 	assert.ok(!JSON.stringify(meta).includes(SECRET));
+});
+
+test("with the secret, the gateway's x-consumer reaches services as ctx.meta.user, and no header copy of it", async () => {
+	const response = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET, "x-consumer": "acme-corp" } });
+	const meta = await response.json();
+	assert.deepEqual(meta.user, { sub: "acme-corp" });
+	assert.equal("x-consumer" in meta.headers, false, "the header itself is wiped, so only the door's word reaches services");
+	// With the secret and no consumer header: let through, no consumer.
+	const anonymous = await (await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET } })).json();
+	assert.equal("user" in anonymous, false);
+});
+
+test("without the secret, a forged x-consumer never reaches a service, not even on a public path", async () => {
+	const publicMeta = await (await fetch(`${base}/v2/public-meta`, { headers: { "x-consumer": "mallory" } })).json();
+	assert.equal("user" in publicMeta, false);
+	assert.equal("x-consumer" in publicMeta.headers, false);
+	assert.ok(!JSON.stringify(publicMeta).includes("mallory"));
+	const refused = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": "wrong", "x-consumer": "mallory" } });
+	assert.equal(refused.status, 401);
 });
 
 test("calls and events inside the broker carry no headers and are not affected", async () => {

@@ -80,6 +80,15 @@ describe("the origin", () => {
 		assert.deepEqual(await response.json(), GRANTED);
 	});
 
+	test("the consumer the gateway names reaches the services, only with the secret", async () => {
+		const vouched = await get("/api/whoami", { "x-shared-secret": SECRET, "x-consumer": "acme-corp" });
+		assert.deepEqual(await vouched.json(), { consumer: "acme-corp" });
+		const anonymous = await get("/api/whoami", { "x-shared-secret": SECRET });
+		assert.deepEqual(await anonymous.json(), { consumer: null });
+		const forged = await get("/api/whoami", { "x-consumer": "mallory" });
+		expectRefusal(forged.status, await forged.json(), "No secret provided");
+	});
+
 	test("during a rotation the old secret works too, but never the two joined", async () => {
 		const old = await get("/api/protected", { "x-shared-secret": OLD_SECRET });
 		assert.equal(old.status, 200);
