@@ -239,6 +239,9 @@ function withoutCredentials(text: string): string {
  *   $ curl localhost:3000/api/protected -H "x-shared-secret: wrong"
  *   {"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}
  *
+ *   $ curl localhost:3000/api/whoami -H "x-shared-secret: $SHARED_SECRET" -H "x-consumer: acme-corp"
+ *   {"consumer":"acme-corp"}
+ *
  *   $ curl localhost:3000/health
  *   {"status":"ok"}
  */
