@@ -182,15 +182,18 @@ process.once("SIGINT", stop);
 // unreachable, credentials wrong) says why in one line, without the password
 // or token, and exits 1 for its supervisor to see. (Connected, it may wait on
 // for `api` as long as it takes.) On Deno, the NATS client can also throw an
-// uncaught socket error while refused; until it has joined, that ends the
-// node the same way.
+// uncaught socket error while refused; until it has connected, that ends the
+// node the same way. Any other uncaught error is left as it is.
 const JOIN_SECONDS = 30;
 let lastTransporterError = "no answer";
 function failToJoin(reason: string): never {
 	broker.logger.fatal(`Cannot join the cluster at ${withoutCredentials(transporterUrl!)}: ${withoutCredentials(reason)}`);
 	process.exit(1);
 }
-const joinFailed = (error: Error) => failToJoin(lastTransporterError === "no answer" ? error.message : lastTransporterError);
+const joinFailed = (error: Error) => {
+	if (broker.transit?.connected) throw error;
+	failToJoin(lastTransporterError === "no answer" ? error.message : lastTransporterError);
+};
 if (transporterUrl) {
 	broker.localBus.on("$transporter.error", ({ error }: { error?: Error }) => (lastTransporterError = error?.message ?? lastTransporterError));
 	process.on("uncaughtException", joinFailed);
