@@ -1,154 +1,112 @@
 /**
- * SharedSecretMiddleware: the origin's door.
- *
- * An API gateway such as Zuplo checks each caller's API key, then adds the
- * header `x-shared-secret` to every request it forwards. This Moleculer
- * middleware makes a moleculer-web gateway refuse, with a 401, every HTTP
- * request that does not carry that secret, so nobody can go around the gateway.
- * The gateway may also name the caller in `x-consumer`; on a request with the
- * secret, services read that as `ctx.meta.user.sub`.
+ * SharedSecretMiddleware, the origin's door: every moleculer-web gateway on the broker
+ * refuses, with a 401, each HTTP request without the `x-shared-secret` that the API gateway
+ * (Zuplo) adds, so nobody can go around it. With the secret, the caller the gateway names
+ * in `x-consumer` reaches services as `ctx.meta.consumer`.
  *
  *     new ServiceBroker({ middlewares: [SharedSecretMiddleware] })
  *
- * It is configured by the environment alone:
- *   SHARED_SECRET  one secret, or "new,old" while you rotate. Each is at least
- *                  32 visible ASCII characters: `openssl rand -hex 32`.
- *   PUBLIC_PATHS   optional, comma-separated "METHOD /exact/path" entries that
- *                  pass without the secret, e.g. "GET /health". Nothing by default.
- *   SHARED_SECRET_REPORT_SECONDS, SHARED_SECRET_QUIET_SECONDS
- *                  optional: how often it logs which secret is in use (60), and
- *                  after how long unused it calls an entry removable (600).
- *
- * This file imports nothing from its project, so you can copy it alone.
+ * It reads SHARED_SECRET ("new,old" while you rotate) and PUBLIC_PATHS ("GET /health,...")
+ * as the broker is built, and imports nothing from its project, so you can copy it alone
+ * (moleculer 0.14 or 0.15, moleculer-web 0.10 or 0.11, standalone or in Express).
  */
 import { timingSafeEqual } from "node:crypto";
-import type { ActionHandler, ActionSchema, Context, Middleware, Service, ServiceBroker } from "moleculer";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { ActionHandler, ActionSchema, Context, Service, ServiceBroker } from "moleculer";
+import type { ServiceSchema } from "moleculer";
 import ApiGateway from "moleculer-web";
 
 const HEADER = "x-shared-secret";
 // Who called, as the gateway vouches for it (Zuplo: request.user.sub).
 const CONSUMER_HEADER = "x-consumer";
 const MIN_SECRET_LENGTH = 32;
-
-// Secrets are compared in buffers this wide: the same work for any secret length.
-const COMPARE_WIDTH = 256;
-
-// RFC 9110 §15.5.2: a 401 carries a challenge. The scheme is not a standard one;
-// it tells the gateway's operator which header the origin expects.
+const COMPARE_WIDTH = 256; // bytes: the comparison does the same work for any secret
+// RFC 9110 §15.5.2: a 401 carries a challenge. Not a standard scheme: it names the header.
 const CHALLENGE = `SharedSecret header="${HEADER}"`;
+const LOGGED_URL_LENGTH = 120; // of a refused URL, which the caller chose
+const doors = new WeakMap<ServiceBroker, Door>(); // each broker's, made in `created`
+const PASSED_DOOR = Symbol("passed SharedSecretMiddleware"); // see the retry below
 
-// What the door counts: a request pays for an increment and a clock read.
-type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
-
-// Each broker's door, made once as that broker is built (see `created`).
-type Door = { whichSecret: (presented: unknown) => number; publicRoutes: Set<string>; tally: Tally; report: ReturnType<typeof createReport> };
-const doors = new WeakMap<ServiceBroker, Door>();
-
-// Marks the params of a request the door let through (see the retry below).
-const PASSED_DOOR = Symbol("passed SharedSecretMiddleware");
-
-export const SharedSecretMiddleware: Middleware = {
-	name: "SharedSecretMiddleware",
-
-	// Runs once, inside `new ServiceBroker()`. Reading and checking the
-	// configuration here means a missing or weak SHARED_SECRET stops the
+// Plain hooks, not typed as moleculer's `Middleware`: 0.14 and 0.15 type it differently
+// (0.14 rejects even a `name`), and this fits both.
+export const SharedSecretMiddleware = {
+	// Runs once, inside `new ServiceBroker()`: a missing or weak SHARED_SECRET stops the
 	// process before it serves anything, never one request at a time.
 	created(broker: ServiceBroker) {
 		const secrets = readSecrets(process.env.SHARED_SECRET);
 		const publicRoutes = readPublicRoutes(process.env.PUBLIC_PATHS);
-		const tally: Tally = { accepted: secrets.map(() => 0), lastSeen: secrets.map(() => 0), missing: 0, invalid: 0 };
+		const whichSecret = createSecretMatcher(secrets);
+		const tally = createTally(secrets.length);
 		const report = createReport(broker, tally);
-		doors.set(broker, { whichSecret: createSecretMatcher(secrets), publicRoutes, tally, report });
-		const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
-		log(`${HEADER} required; public: ${[...publicRoutes].join(", ") || "none"}.`);
-		if (secrets.length > 1) log(`SHARED_SECRET has ${secrets.length} entries. Entry 1 is the current one; this log says when no request has used another for ${report.quietAfter}: it can then be removed.`);
+		doors.set(broker, { whichSecret, publicRoutes, tally, report });
+		const listed = [...publicRoutes].join(", ") || "none";
+		broker.logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
+		report.announce();
 	},
 
-	// The rotation report runs while the broker does.
-	async started(broker: ServiceBroker) { doors.get(broker)?.report.start(); },
-	async stopped(broker: ServiceBroker) { doors.get(broker)?.report.stop(); },
+	// In a cluster, no other node may change the gateway's routes (see below the door).
+	serviceCreating: keepRoutesLocal,
 
-	// moleculer-web hands every HTTP request to its private `rest` action
-	// (ctx.params.req / .res) before routing, body parsing or any action.
-	// Wrapping that one action guards all HTTP and nothing else: calls between
-	// services, events and the REPL carry no HTTP headers and stay untouched.
+	// moleculer-web hands each HTTP request to its private `rest` action before routing,
+	// body parsing or any action. Wrapping that one action guards all HTTP and nothing
+	// else: calls between services, events and the REPL carry no headers, and pass.
 	localAction(this: ServiceBroker, next: ActionHandler, action: ActionSchema): ActionHandler {
-		if (!isGatewayEntry(action)) return next;
+		const { rawName, service } = action as ActionSchema & { rawName?: string };
+		if (rawName !== "rest" || !isGateway({ methods: service })) return next;
 		const door = doors.get(this);
 		// Fail closed: a gateway on a broker whose `created` never ran here.
 		if (!door) throw new Error("SharedSecretMiddleware must be in the broker's `middlewares`.");
 		const { whichSecret, publicRoutes, tally } = door;
-		const gateway = action.service as unknown as GatewayMethods;
-		const refuse = createRefusals(gateway);
-
+		const refuse = createRefusals(service as unknown as GatewayMethods, tally);
 		return function sharedSecretDoor(this: Service, ctx: Context) {
 			const params = ctx.params as GatewayParams;
 			const { req, res } = params;
-			// A broker `retryPolicy` calls `rest` again with the same params
-			// when a service fails with a retryable error, and the header is
-			// wiped by then: a params object marked here gets the service's real
-			// answer on every attempt, not a 401.
+			// A broker `retryPolicy` calls `rest` again with these params after a service's
+			// retryable error, the header wiped: a request let through stays let through.
 			if (params[PASSED_DOOR]) return next.call(this, ctx);
-			const presented = req.headers[HEADER];
-			const consumer = req.headers[CONSUMER_HEADER];
-
-			// Services never see the secret, nor a consumer the door did not
-			// vouch for, even if a route copies req.headers into ctx.meta.
-			// Overwritten, not deleted: `delete` makes the headers a slow
-			// dictionary, which cost 5% per request in moleculer-web.
-			if (presented !== undefined) req.headers[HEADER] = undefined;
-			if (consumer !== undefined) req.headers[CONSUMER_HEADER] = undefined;
-
+			const { [HEADER]: presented, [CONSUMER_HEADER]: consumer } = req.headers;
+			// Route hooks and services never see the secret, nor a consumer the door did
+			// not vouch for, in any form of the headers.
+			if (presented !== undefined || consumer !== undefined) wipeHeaders(req);
 			// No public routes (the default): no route key to build.
-			const isPublic = publicRoutes.size > 0 && publicRoutes.has(routeKey(req));
-			if (!isPublic) {
-				if (presented === undefined || presented === "") {
-					tally.missing++;
-					return refuse.noSecret(req, res);
-				}
-				const entry = whichSecret(presented);
-				if (entry === 0) {
-					tally.invalid++;
-					return refuse.invalidSecret(req, res);
-				}
+			if (publicRoutes.size === 0 || !publicRoutes.has(routeKey(req))) {
+				const entry = presented ? whichSecret(presented) : 0;
+				if (entry === 0) return refuse(req, res, presented ? "invalid" : "missing");
 				tally.accepted[entry - 1]++;
 				tally.lastSeen[entry - 1] = Date.now();
-				// Only a request with the secret came through the gateway, so
-				// only its consumer header is the gateway's word.
-				if (typeof consumer === "string" && consumer !== "") (ctx.meta as { user?: object }).user = { sub: consumer };
+				// Only a request with the secret came through the gateway, so only its
+				// consumer is the gateway's word. Written to a meta object of this request's
+				// own: moleculer-web may hand every request the same one (rootCallOptions).
+				if (typeof consumer === "string" && consumer) ctx.meta = { ...ctx.meta, consumer };
 			}
 			params[PASSED_DOOR] = true;
 			return next.call(this, ctx);
 		};
-	}
+	},
+
+	// The rotation report runs while the broker does.
+	started: async (broker: ServiceBroker) => doors.get(broker)?.report.start(),
+	stopped: async (broker: ServiceBroker) => doors.get(broker)?.report.stop(),
 };
 
-/**
- * Returns a function that tells, in constant time, which of `secrets` the value
- * is: its entry number (1 for the first), or 0. It never throws. Not a hash of
- * both sides (the textbook way: a SHA-256 is several percent of a request): the
- * value goes into a zero-padded fixed-width buffer, `timingSafeEqual` compares
- * it with each padded secret, and a length-equality bit is ANDed in, so a prefix
- * never matches. The work never depends on a secret's content or length (up to
- * COMPARE_WIDTH) nor on which one matched: every secret is compared, and the
- * entry number is added up without a branch.
- */
+// Tells, in constant time and never throwing, which of `secrets` a value is: its entry
+// number (1 for the first), or 0. Fixed-width zero-padded buffers for timingSafeEqual, a
+// length bit ANDed in (a prefix never matches), every secret compared, the entry summed
+// without a branch: the work depends on no secret's content or length, nor on the match.
 export function createSecretMatcher(secrets: readonly string[]): (presented: unknown) => number {
-	const width = Math.max(COMPARE_WIDTH, ...secrets.map(secret => Buffer.byteLength(secret)));
-	const expected = secrets.map(secret => {
+	const width = Math.max(COMPARE_WIDTH, ...secrets.map((secret) => Buffer.byteLength(secret)));
+	const expected = secrets.map((secret) => {
 		const bytes = Buffer.alloc(width);
 		bytes.write(secret);
 		return { bytes, length: Buffer.byteLength(secret) };
 	});
-	// One scratch buffer, reused: no other request runs until this function ends.
+	// One scratch buffer, reused: no other request runs until this function returns.
 	const scratch = Buffer.alloc(width);
 
 	return function whichSecret(presented: unknown): number {
-		// Node decodes header bytes as latin1 and joins a repeated header with
-		// ", ". Anything else is not a header value and cannot match.
+		// A header value is a string (a repeated header's values joined); nothing else is.
 		if (typeof presented !== "string") return 0;
-		// As UTF-8, any character above 0x7F becomes bytes >= 0x80, which no
-		// secret holds (secrets are visible ASCII), so such values never match.
+		// As UTF-8, a character above 0x7F is bytes no secret holds (they are visible ASCII).
 		const length = Buffer.byteLength(presented);
 		scratch.fill(0);
 		scratch.write(presented);
@@ -162,63 +120,235 @@ export function createSecretMatcher(secrets: readonly string[]): (presented: unk
 	};
 }
 
-// --- The rotation report: which secret is in use --------------------------------
+// The two refusals, moleculer-web's UnAuthorizedError with the page's messages, written
+// from a head and body built once, by the door itself also in Express (whose default
+// handler makes a 500 of an error passed to `next`). A gateway `onError` gets a copy of the
+// error instead, so what it changes stays with that request (a copy is 10x cheaper than new).
+function createRefusals(gateway: GatewayMethods, tally: Tally) {
+	const refusal = (message: string, type: string) => {
+		const error = new ApiGateway.Errors.UnAuthorizedError(type, null);
+		error.message = message;
+		const body = JSON.stringify(gateway.reformatError(error));
+		const head = {
+			"Content-type": "application/json; charset=utf-8",
+			"Content-Length": String(Buffer.byteLength(body)),
+			"WWW-Authenticate": CHALLENGE,
+		};
+		return { error, body, head, closingHead: { ...head, Connection: "close" } };
+	};
+	const refusals = {
+		missing: refusal("No secret provided", ApiGateway.Errors.ERR_NO_TOKEN),
+		invalid: refusal("Invalid secret", ApiGateway.Errors.ERR_INVALID_TOKEN),
+	};
+	return function refuse(req: GatewayRequest, res: ServerResponse, reason: Reason) {
+		tally[reason]++;
+		const { error, body, head, closingHead } = refusals[reason];
+		// moleculer-web logs each response with this URL, which the caller chose: cut short.
+		const url = req.originalUrl ?? req.url ?? "";
+		req.originalUrl = url.length <= LOGGED_URL_LENGTH
+			? url
+			: `${url.slice(0, LOGGED_URL_LENGTH)}... (${url.length} characters)`;
+		// A body the request announces is never read: the connection closes after the 401,
+		// so nobody makes the origin read megabytes. (HTTP/2 forbids a Connection header.)
+		const length = req.headers["content-length"];
+		const hasBody = (length !== undefined && length !== "0") ||
+			!!req.headers["transfer-encoding"];
+		const closing = hasBody && req.httpVersionMajor === 1;
+		if (typeof gateway.settings.onError !== "function") {
+			res.writeHead(401, closing ? closingHead : head).end(body);
+			gateway.logResponse(req, res);
+		} else {
+			res.setHeader("WWW-Authenticate", CHALLENGE);
+			if (closing) res.setHeader("Connection", "close");
+			const copy = Object.create(Object.getPrototypeOf(error));
+			Object.assign(copy, error, { name: error.name, message: error.message });
+			gateway.sendError(req, res, copy);
+		}
+		return Promise.resolve(true);
+	};
+}
+
+// A public route matches on the method and the exact path before "?", nothing else: no
+// prefix, no decoding, no normalising ("/health/../x", "//health" and "/health/" are not
+// "/health"), so "GET /health" reaches only the /health alias. (OPTIONS entries are
+// refused at start: moleculer-web routes OPTIONS as the method a preflight names.)
+function routeKey(req: GatewayRequest): string {
+	const url = req.url ?? "";
+	const query = url.indexOf("?");
+	return `${req.method} ${query === -1 ? url : url.slice(0, query)}`;
+}
+
+// Overwritten, not deleted: `delete` makes the headers a slow dictionary (5% a request),
+// and Node builds its lazy headersDistinct from rawHeaders by their original count.
+function wipeHeaders(req: GatewayRequest) {
+	req.headers[HEADER] = req.headers[CONSUMER_HEADER] = undefined;
+	const raw = req.rawHeaders;
+	for (let index = 0; index < raw.length; index += 2) {
+		const name = raw[index].toLowerCase();
+		if (name === HEADER || name === CONSUMER_HEADER) raw[index + 1] = "";
+	}
+	// Built from rawHeaders on first use; this also wipes one built before the door ran.
+	const distinct: Record<string, string[] | undefined> | undefined = req.headersDistinct;
+	if (distinct) distinct[HEADER] = distinct[CONSUMER_HEADER] = undefined;
+}
+
+// A moleculer-web gateway, whatever it is called, has these two methods.
+function isGateway(schema: { methods?: object }): boolean {
+	const methods = schema.methods as Partial<GatewayMethods> | undefined;
+	return typeof methods?.sendError === "function" && typeof methods.httpHandler === "function";
+}
+
+// ==== The door ends here. Below: the cluster guard, the configuration, read once at start,
+// ==== and the optional rotation report and metrics.
+
+// A gateway's addRoute, removeRoute and listAliases actions answer every node of a cluster
+// by default, so a node that joins could take the routes away. "protected" leaves them to
+// the services on this node.
+function keepRoutesLocal(_service: Service, schema: ServiceSchema) {
+	const actions = schema.actions as Record<string, object> | undefined;
+	if (!actions || !isGateway(schema)) return;
+	for (const name of ["addRoute", "removeRoute", "listAliases"]) {
+		if (actions[name]) actions[name] = { ...actions[name], visibility: "protected" };
+	}
+}
+
+const HOW_TO_MAKE_ONE = "Make one with: openssl rand -hex 32";
+
+function readSecrets(raw: string | undefined): string[] {
+	if (!raw?.trim()) throw configError(`SHARED_SECRET is not set. ${HOW_TO_MAKE_ONE}`);
+	const secrets = raw.split(",").map((secret) => secret.trim());
+	secrets.forEach((secret, index) => {
+		// Never echo the value: this line goes to the logs.
+		const which = secrets.length === 1
+			? "SHARED_SECRET"
+			: `SHARED_SECRET entry ${index + 1} of ${secrets.length}`;
+		const weak = (problem: string) => configError(`${which} ${problem}. ${HOW_TO_MAKE_ONE}`);
+		const tooShort = `is ${secret.length} characters; it needs at least ${MIN_SECRET_LENGTH}`;
+		if (secret.length < MIN_SECRET_LENGTH) throw weak(tooShort);
+		// Visible ASCII travels through any gateway and HTTP stack unchanged.
+		if (!/^[\x21-\x7e]+$/.test(secret)) throw weak("holds a space or a non-ASCII character");
+		if (new Set(secret).size < 8) throw weak("uses fewer than 8 different characters");
+		// Each request is counted against exactly one entry.
+		const first = secrets.indexOf(secret);
+		if (first !== index) throw configError(`${which} is the same as entry ${first + 1}.`);
+	});
+	return secrets;
+}
+
+function readPublicRoutes(raw: string | undefined): Set<string> {
+	const routes = new Set<string>();
+	for (const entry of (raw ?? "").split(",").map((text) => text.trim()).filter(Boolean)) {
+		const [, method, path] = /^([A-Z]+) (\/\S*)$/.exec(entry.replace(/\s+/, " ")) ?? [];
+		if (!path || path.includes("?")) {
+			throw configError(`PUBLIC_PATHS entry "${entry}" is not "METHOD /exact/path".`);
+		}
+		// moleculer-web routes OPTIONS as the method a preflight names, so this entry
+		// would open other methods. Browsers send preflights to the gateway, not here.
+		const atGateway = "answer CORS preflights at the gateway (Zuplo's CORS policy)";
+		if (method === "OPTIONS") {
+			throw configError(`PUBLIC_PATHS "${entry}" opens every method: ${atGateway}.`);
+		}
+		routes.add(`${method} ${path}`);
+	}
+	return routes;
+}
+
+function readSeconds(name: string, fallback: number): number {
+	const raw = process.env[name];
+	if (!raw?.trim()) return fallback;
+	const seconds = Number(raw);
+	if (Number.isInteger(seconds) && seconds >= 1) return seconds;
+	throw configError(`${name} is "${raw}"; it needs a whole number of seconds, 1 or more.`);
+}
+
+// The broker prints a middleware's start-up error and exits 1. A stack trace would bury
+// the one line that says what to fix, so the error carries none.
+function configError(message: string): Error {
+	const error = new Error(message);
+	error.stack = `Error: ${message}`;
+	return error;
+}
+
+// --- The rotation report and metrics: which secret is in use -----------------------------
+
+// What the door counts: a request pays for an increment and a clock read.
+type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
+
+function createTally(entries: number): Tally {
+	const zeros = () => Array<number>(entries).fill(0);
+	return { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 };
+}
 
 /**
- * Every SHARED_SECRET_REPORT_SECONDS (60) it logs how many requests used each
- * entry after the first (those a rotation removes) and when; that an entry
- * unused for SHARED_SECRET_QUIET_SECONDS (600) can be removed; and refusals by
- * reason. Counts, never a line per request, so a scanner cannot flood the logs;
- * entries by position, never by any part of their value. With the broker's
- * metrics on, the numbers are copied into Moleculer's registry once a second
- * (not per request, so a request costs the same either way), and any reporter,
- * Prometheus included, exports them.
+ * Every SHARED_SECRET_REPORT_SECONDS (60) it logs how many requests used each entry after
+ * the first (those a rotation removes), that an entry unused for SHARED_SECRET_QUIET_SECONDS
+ * (600) can be removed, and the refusals by reason: one line of each kind per period,
+ * entries by position, never by any part of their value. With the broker's metrics on, the
+ * counts are copied into Moleculer's registry once a second, so a request costs the same.
  */
 function createReport(broker: ServiceBroker, tally: Tally) {
 	const everyMs = readSeconds("SHARED_SECRET_REPORT_SECONDS", 60) * 1000;
 	const quietAfterMs = readSeconds("SHARED_SECRET_QUIET_SECONDS", 600) * 1000;
-	const metrics = broker.isMetricsEnabled() ? registerMetrics(broker, tally) : undefined;
-	const [total, reported] = [tally.accepted.length, { accepted: [...tally.accepted], missing: 0, invalid: 0 }];
+	const [period, quietFor] = [duration(everyMs), duration(quietAfterMs)];
+	const copyToMetrics = broker.isMetricsEnabled() ? registerMetrics(broker, tally) : undefined;
+	const total = tally.accepted.length;
+	const reported = { accepted: [...tally.accepted], missing: 0, invalid: 0 };
 	const announcedQuiet = tally.accepted.map(() => false);
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
-	let [startedAt, timers] = [0, [] as ReturnType<typeof setInterval>[]];
+	let startedAt = 0;
+	let timers: ReturnType<typeof setInterval>[] = [];
 
 	function report() {
 		for (let index = 1; index < total; index++) {
-			const [name, lastSeen] = [`SHARED_SECRET entry ${index + 1} of ${total}`, tally.lastSeen[index]];
+			const name = `SHARED_SECRET entry ${index + 1} of ${total}`;
+			const lastSeen = tally.lastSeen[index];
 			const used = tally.accepted[index] - reported.accepted[index];
+			const quiet = Date.now() - (lastSeen || startedAt) >= quietAfterMs;
 			if (used > 0) {
 				announcedQuiet[index] = false;
-				log(`${name} is still in use: ${used} requests in the last ${duration(everyMs)}, the last at ${new Date(lastSeen).toISOString()}. Keep it.`);
-			} else if (!announcedQuiet[index] && Date.now() - (lastSeen || startedAt) >= quietAfterMs) {
+				const last = new Date(lastSeen).toISOString();
+				const uses = `${used} requests in the last ${period}, the last at ${last}`;
+				log(`${name} is still in use: ${uses}. Keep it.`);
+			} else if (quiet && !announcedQuiet[index]) {
 				announcedQuiet[index] = true;
-				log(`no request has used ${name} for ${duration(quietAfterMs)}; it can be removed.`);
+				log(`no request has used ${name} for ${quietFor}; it can be removed.`);
 			}
 		}
-		const [missing, invalid] = [tally.missing - reported.missing, tally.invalid - reported.invalid];
-		if (missing + invalid > 0) log(`refused ${missing + invalid} requests in the last ${duration(everyMs)}: ${missing} without a secret, ${invalid} with an invalid one.`);
-		Object.assign(reported, { accepted: [...tally.accepted], missing: tally.missing, invalid: tally.invalid });
+		const missing = tally.missing - reported.missing;
+		const invalid = tally.invalid - reported.invalid;
+		const refusals = `${missing} without a secret, ${invalid} with an invalid one`;
+		if (missing + invalid > 0) {
+			log(`refused ${missing + invalid} requests in the last ${period}: ${refusals}.`);
+		}
+		reported.accepted = [...tally.accepted];
+		[reported.missing, reported.invalid] = [tally.missing, tally.invalid];
 	}
 
+	const rotating = `SHARED_SECRET has ${total} entries. Entry 1 is the current one; this log`;
+	const announcement = `${rotating} says when another has been unused for ${quietFor}.`;
 	return {
-		quietAfter: duration(quietAfterMs),
+		announce: () => total > 1 && log(announcement),
 		// unref(): the timers never keep a stopping process alive.
 		start() {
 			startedAt = Date.now();
-			timers = [setInterval(report, everyMs).unref(), ...(metrics ? [setInterval(metrics, 1000).unref()] : [])];
+			timers = [setInterval(report, everyMs).unref()];
+			if (copyToMetrics) timers.push(setInterval(copyToMetrics, 1000).unref());
 		},
-		stop: () => timers.forEach(clearInterval)
+		stop: () => timers.forEach(clearInterval),
 	};
 }
 
 // Two counters and a gauge, registered only when the broker's metrics are on.
 function registerMetrics(broker: ServiceBroker, tally: Tally): () => void {
-	const accepted = broker.metrics.register({ type: "counter", name: "shared_secret.accepted.total", labelNames: ["entry"],
-		description: "Requests let through, by SHARED_SECRET entry (1: the first)" })!;
-	const refused = broker.metrics.register({ type: "counter", name: "shared_secret.refused.total", labelNames: ["reason"],
-		description: "Requests refused, by reason: missing or invalid" })!;
-	const lastSeen = broker.metrics.register({ type: "gauge", name: "shared_secret.last_seen.seconds", labelNames: ["entry"],
-		description: "When each SHARED_SECRET entry was last used (Unix time; 0: not since start)" })!;
+	// moleculer 0.14 and 0.15 type register() differently; both return a metric with `set`.
+	const registry = broker.metrics as unknown as { register(options: object): SettableMetric };
+	const [accepted, refused, lastSeen] = [
+		["counter", "shared_secret.accepted.total", "entry", "Requests let through, by entry"],
+		["counter", "shared_secret.refused.total", "reason", "Requests refused: missing, invalid"],
+		["gauge", "shared_secret.last_seen.seconds", "entry", "Each entry's last use (Unix time)"],
+	].map(([type, name, label, description]) => {
+		return registry.register({ type, name, labelNames: [label], description });
+	});
 	return function copyTally() {
 		tally.accepted.forEach((count, index) => {
 			accepted.set(count, { entry: index + 1 });
@@ -230,120 +360,21 @@ function registerMetrics(broker: ServiceBroker, tally: Tally): () => void {
 }
 
 function duration(ms: number): string {
-	return ms % 60_000 === 0 ? `${ms / 60_000} minute${ms === 60_000 ? "" : "s"}` : `${ms / 1000} s`;
+	if (ms % 60_000 !== 0) return `${ms / 1000} s`;
+	return `${ms / 60_000} minute${ms === 60_000 ? "" : "s"}`;
 }
 
-// --- Configuration, read once at start -------------------------------------
-
-const HOW_TO_MAKE_ONE = "Make one with: openssl rand -hex 32";
-
-function readSecrets(raw: string | undefined): string[] {
-	if (raw === undefined || raw.trim() === "") throw configError(`SHARED_SECRET is not set. ${HOW_TO_MAKE_ONE}`);
-	const secrets = raw.split(",").map(secret => secret.trim());
-	secrets.forEach((secret, index) => {
-		// Never echo the value: this line goes to the logs.
-		const which = secrets.length > 1 ? `SHARED_SECRET entry ${index + 1} of ${secrets.length}` : "SHARED_SECRET";
-		if (secret.length < MIN_SECRET_LENGTH) throw configError(`${which} is ${secret.length} characters; it needs at least ${MIN_SECRET_LENGTH}. ${HOW_TO_MAKE_ONE}`);
-		// Visible ASCII travels through any gateway and HTTP stack unchanged.
-		if (!/^[\x21-\x7e]+$/.test(secret)) throw configError(`${which} holds a space or a non-ASCII character; use visible ASCII only. ${HOW_TO_MAKE_ONE}`);
-		if (new Set(secret).size < 8) throw configError(`${which} uses fewer than 8 different characters and looks like a placeholder. ${HOW_TO_MAKE_ONE}`);
-		// Each request is counted against exactly one entry.
-		if (secrets.indexOf(secret) !== index) throw configError(`${which} is the same as entry ${secrets.indexOf(secret) + 1}; list each secret once.`);
-	});
-	return secrets;
-}
-
-function readPublicRoutes(raw: string | undefined): Set<string> {
-	const routes = new Set<string>();
-	for (const entry of (raw ?? "").split(",")) {
-		const trimmed = entry.trim();
-		if (trimmed === "") continue;
-		const match = /^([A-Z]+) (\/\S*)$/.exec(trimmed.replace(/\s+/, " "));
-		if (!match || match[2].includes("?")) throw configError(`PUBLIC_PATHS entry "${trimmed}" is not "METHOD /exact/path" (for example "GET /health").`);
-		routes.add(`${match[1]} ${match[2]}`);
-	}
-	return routes;
-}
-
-function readSeconds(name: string, fallback: number): number {
-	const raw = process.env[name];
-	if (raw === undefined || raw.trim() === "") return fallback;
-	const seconds = Number(raw);
-	if (!Number.isInteger(seconds) || seconds < 1) throw configError(`${name} is "${raw}"; it needs a whole number of seconds, 1 or more.`);
-	return seconds;
-}
-
-// The broker prints a middleware's start-up error and exits 1. A stack trace
-// would bury the one line that says what to fix, so the error carries none.
-function configError(message: string): Error {
-	const error = new Error(message);
-	error.stack = `Error: ${message}`;
-	return error;
-}
-
-// --- Per request ------------------------------------------------------------
-
-// A public route matches on the method and the exact path before "?", and
-// nothing else: no prefix, no decoding, no normalising ("/health/../x",
-// "//health" and "/health/" are not "/health"). moleculer-web routes on the
-// same text, so "GET /health" here can only reach the /health alias.
-function routeKey(req: GatewayRequest): string {
-	const url = req.url ?? "";
-	const query = url.indexOf("?");
-	return `${req.method} ${query === -1 ? url : url.slice(0, query)}`;
-}
-
-/**
- * The two refusals: moleculer-web's UnAuthorizedError in its JSON shape, with
- * the page's messages; each resolves `true` (handled). Fast path, when the
- * gateway has no `onError` and is not Express middleware: head and body built
- * once, here, and written as they are, then logged as moleculer-web logs its
- * responses. Otherwise sendError gets a fresh copy of the error, so an `onError`
- * may change it without changing the next request's. Copied (about 1 µs), not
- * constructed: that captures a stack trace (about 10 µs).
- */
-function createRefusals(gateway: GatewayMethods) {
-	const refusal = (message: string, type: string) => {
-		const error = new ApiGateway.Errors.UnAuthorizedError(type, undefined);
-		error.message = message;
-		const prototype = Object.getPrototypeOf(error);
-		const body = JSON.stringify(gateway.reformatError(error));
-		const length = String(Buffer.byteLength(body));
-		const headers = { "Content-type": "application/json; charset=utf-8", "Content-Length": length, "WWW-Authenticate": CHALLENGE };
-		return function refuse(req: GatewayRequest, res: GatewayResponse) {
-			// moleculer-web logs the URL it sets in `rest`, which has not run yet.
-			req.originalUrl ??= req.url;
-			if (typeof gateway.settings.onError !== "function" && !req.$next) {
-				res.writeHead(401, headers).end(body);
-				gateway.logResponse(req, res);
-			} else {
-				res.setHeader("WWW-Authenticate", CHALLENGE);
-				gateway.sendError(req, res, Object.assign(Object.create(prototype), error, { name: error.name, message: error.message }));
-			}
-			return Promise.resolve(true);
-		};
-	};
-	return {
-		noSecret: refusal("No secret provided", ApiGateway.Errors.ERR_NO_TOKEN),
-		invalidSecret: refusal("Invalid secret", ApiGateway.Errors.ERR_INVALID_TOKEN)
-	};
-}
-
-// moleculer-web's entry action is named `rest` and lives on a service that has
-// its `httpHandler` and `sendError` methods, whatever the gateway is called.
-function isGatewayEntry(action: ActionSchema): boolean {
-	const { rawName } = action as ActionSchema & { rawName?: string };
-	const service = action.service as Partial<GatewayMethods> | undefined;
-	return rawName === "rest" && typeof service?.sendError === "function" && typeof service.httpHandler === "function";
-}
-
-type GatewayRequest = import("node:http").IncomingMessage & { originalUrl?: string; $next?: unknown };
-type GatewayResponse = import("node:http").ServerResponse;
-type GatewayParams = { req: GatewayRequest; res: GatewayResponse; [PASSED_DOOR]?: true };
+type Door = { whichSecret: Matcher; publicRoutes: Set<string>; tally: Tally; report: Report };
+type Matcher = ReturnType<typeof createSecretMatcher>;
+type Report = ReturnType<typeof createReport>;
+type SettableMetric = { set(value: number, labels: Record<string, string | number>): void };
+type Reason = "missing" | "invalid";
+type GatewayRequest = IncomingMessage & { originalUrl?: string };
+type GatewayParams = { req: GatewayRequest; res: ServerResponse; [PASSED_DOOR]?: true };
 type GatewayMethods = {
 	settings: { onError?: unknown };
-	sendError(req: GatewayRequest, res: GatewayResponse, error: Error): void;
+	sendError(req: GatewayRequest, res: ServerResponse, error: Error): void;
 	reformatError(error: Error): unknown;
-	logResponse(req: GatewayRequest, res: GatewayResponse): void;
-	httpHandler?: unknown;
+	logResponse(req: GatewayRequest, res: ServerResponse): void;
+	httpHandler: unknown;
 };
