@@ -143,7 +143,10 @@ function readTransporter(url: string): BrokerOptions["transporter"] {
 function withRetries(schema: typeof ApiService): typeof ApiService {
 	const actions = { ...schema.actions } as Record<string, object>;
 	for (const name of retrySafeActions) {
-		actions[name] = { ...actions[name], retryPolicy: { enabled: true } };
+		const action = typeof actions[name] === "function"
+			? { handler: actions[name] }
+			: actions[name];
+		actions[name] = { ...action, retryPolicy: { enabled: true } };
 	}
 	return { ...schema, actions };
 }

@@ -126,7 +126,7 @@ export function createSecretMatcher(secrets: readonly string[]): (presented: unk
 // error instead, so what it changes stays with that request (a copy is 10x cheaper than new).
 function createRefusals(gateway: GatewayMethods, tally: Tally) {
 	const refusal = (message: string, type: string) => {
-		const error = new ApiGateway.Errors.UnAuthorizedError(type, null);
+		const error = new ApiGateway.Errors.UnAuthorizedError(type, undefined);
 		error.message = message;
 		const body = JSON.stringify(gateway.reformatError(error));
 		const head = {
@@ -154,6 +154,7 @@ function createRefusals(gateway: GatewayMethods, tally: Tally) {
 		const hasBody = (length !== undefined && length !== "0") ||
 			!!req.headers["transfer-encoding"];
 		const closing = hasBody && req.httpVersionMajor === 1;
+		if (closing) lingerUnread(req.socket);
 		if (typeof gateway.settings.onError !== "function") {
 			res.writeHead(401, closing ? closingHead : head).end(body);
 			gateway.logResponse(req, res);
@@ -190,6 +191,16 @@ function wipeHeaders(req: GatewayRequest) {
 	// Built from rawHeaders on first use; this also wipes one built before the door ran.
 	const distinct: Record<string, string[] | undefined> | undefined = req.headersDistinct;
 	if (distinct) distinct[HEADER] = distinct[CONSUMER_HEADER] = undefined;
+}
+
+// Closing a socket with unread bytes resets the connection, and the client may lose the
+// 401. So it stops reading now, and closes half a second after the 401 is sent.
+function lingerUnread(socket: GatewayRequest["socket"]) {
+	(socket as { _handle?: { readStop?(): void } })._handle?.readStop?.();
+	socket.destroySoon = () => {
+		socket.end();
+		setTimeout(() => socket.destroy(), 500).unref();
+	};
 }
 
 // A moleculer-web gateway, whatever it is called, has these two methods.

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import type { Server } from "node:http";
+import type { IncomingMessage, Server } from "node:http";
 import { Errors, ServiceBroker, type BrokerOptions, type Context, type ServiceSchema } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
@@ -54,9 +54,12 @@ before(async () => {
 					},
 					// Parses JSON bodies: a malformed one gets 400 once parsing runs.
 					bodyParsers: { json: true },
-					// A common pattern: hand every request header to the services.
-					onBeforeCall(ctx: Context<unknown, Record<string, unknown>>, _route: unknown, req: { headers: unknown }) {
+					// A common pattern: hand every request header to the services, in
+					// every form Node offers them.
+					onBeforeCall(ctx: Context<unknown, Record<string, unknown>>, _route: unknown, req: IncomingMessage) {
 						ctx.meta.headers = req.headers;
+						ctx.meta.rawHeaders = req.rawHeaders;
+						ctx.meta.headersDistinct = req.headersDistinct;
 					}
 				}
 			]
@@ -98,28 +101,32 @@ test("its own public path is public, and the template's /health is not", async (
 	assert.equal((await fetch(`${base}/health`)).status, 401);
 });
 
-test("services never see the secret, even when a route copies the headers into ctx.meta", async () => {
-	const response = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET, "x-trace": "kept" } });
+test("services and route hooks never see the secret in req.headers, rawHeaders or headersDistinct", async () => {
+	// Sent as "X-Shared-Secret": rawHeaders keeps the case the caller used.
+	const response = await fetch(`${base}/v2/meta`, { headers: { "X-Shared-Secret": SECRET, "x-trace": "kept" } });
 	assert.equal(response.status, 200);
 	const meta = await response.json();
 	assert.equal(meta.headers["x-trace"], "kept", "the route did copy the headers");
+	assert.ok(meta.rawHeaders.includes("kept"), "the route did copy the raw headers");
 	assert.equal("x-shared-secret" in meta.headers, false);
 	assert.ok(!JSON.stringify(meta).includes(SECRET));
 });
 
-test("with the secret, the gateway's x-consumer reaches services as ctx.meta.user, and no header copy of it", async () => {
+test("with the secret, the gateway's x-consumer reaches services as ctx.meta.consumer, and no header copy of it", async () => {
 	const response = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET, "x-consumer": "acme-corp" } });
 	const meta = await response.json();
-	assert.deepEqual(meta.user, { sub: "acme-corp" });
+	assert.equal(meta.consumer, "acme-corp");
+	assert.equal("user" in meta, false, "ctx.meta.user is left to the app's own auth");
 	assert.equal("x-consumer" in meta.headers, false, "the header itself is wiped, so only the door's word reaches services");
+	assert.equal(JSON.stringify(meta).split("acme-corp").length, 2, "only ctx.meta.consumer holds it");
 	// With the secret and no consumer header: let through, no consumer.
 	const anonymous = await (await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET } })).json();
-	assert.equal("user" in anonymous, false);
+	assert.equal("consumer" in anonymous, false);
 });
 
 test("without the secret, a forged x-consumer never reaches a service, not even on a public path", async () => {
 	const publicMeta = await (await fetch(`${base}/v2/public-meta`, { headers: { "x-consumer": "mallory" } })).json();
-	assert.equal("user" in publicMeta, false);
+	assert.equal("consumer" in publicMeta, false);
 	assert.equal("x-consumer" in publicMeta.headers, false);
 	assert.ok(!JSON.stringify(publicMeta).includes("mallory"));
 	const refused = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": "wrong", "x-consumer": "mallory" } });
@@ -215,5 +222,39 @@ test("the door's metrics are registered only when the broker's metrics are on", 
 		for (const name of names) assert.equal(without.broker.metrics.getMetric(name), null, name);
 	} finally {
 		await without.broker.stop();
+	}
+});
+
+test("with a shared rootCallOptions.meta, no request sees another's consumer, even interleaved", async () => {
+	// moleculer-web hands every request this one object as its ctx.meta.
+	const sharedMeta = {};
+	const { broker: other, url } = await startGateway(
+		{},
+		{
+			rootCallOptions: { meta: sharedMeta },
+			routes: [{ path: "/", aliases: { "GET /run": "jobs.run", "POST /run": "jobs.run", "GET /v2/status": "jobs.run" } }]
+		},
+		{
+			// Answers with the consumer it sees, after a pause that lets requests overlap.
+			async run(ctx: Context<{ waitMs?: string }, { consumer?: string }>) {
+				await new Promise(resolve => setTimeout(resolve, Number(ctx.params.waitMs ?? 0)));
+				return { consumer: ctx.meta.consumer ?? null };
+			}
+		}
+	);
+	const call = async (path: string, headers: Record<string, string>, method = "GET") =>
+		(await (await fetch(`${new URL(url).origin}${path}`, { method, headers })).json()).consumer;
+	try {
+		assert.equal(await call("/run", { "x-shared-secret": SECRET, "x-consumer": "alice" }), "alice");
+		assert.equal(await call("/run", { "x-shared-secret": SECRET }), null, "a request without a consumer");
+		assert.equal(await call("/v2/status", {}), null, "a public path");
+		const [alice, bob] = await Promise.all([
+			call("/run?waitMs=150", { "x-shared-secret": SECRET, "x-consumer": "alice" }, "POST"),
+			call("/run?waitMs=0", { "x-shared-secret": SECRET, "x-consumer": "bob" }, "POST")
+		]);
+		assert.deepEqual([alice, bob], ["alice", "bob"]);
+		assert.deepEqual(sharedMeta, {}, "the door never wrote into the shared object");
+	} finally {
+		await other.stop();
 	}
 });

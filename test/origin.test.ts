@@ -3,6 +3,8 @@
  * HTTP, right and wrong secrets, every kind of bad input an attacker can send.
  */
 import assert from "node:assert/strict";
+import { once } from "node:events";
+import { connect } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { exitCodesAreReliable, getWithSecretBytes, OLD_SECRET, rawRequest, SECRET, startOrigin, waitFor, type Origin } from "./origin.ts";
 
@@ -174,6 +176,54 @@ describe("the origin", () => {
 			const response = await get(path, {}, method);
 			expectRefusal(response.status, await response.json(), "No secret provided");
 		}
+	});
+
+	test("OPTIONS without the secret gets the 401, as a CORS preflight and on the public path too", async () => {
+		// moleculer-web would route these as GET: a preflight is answered at the gateway.
+		for (const path of ["/api/protected", "/health"]) {
+			const preflights: Record<string, string>[] = [{}, { "access-control-request-method": "GET", origin: "https://app.example" }];
+			for (const preflight of preflights) {
+				const response = await get(path, preflight, "OPTIONS");
+				expectRefusal(response.status, await response.json(), "No secret provided");
+			}
+		}
+	});
+
+	test("a refused request that announces a body gets its 401, then the connection closes unread", async () => {
+		const socket = connect(origin.port, "127.0.0.1");
+		socket.on("error", () => {}); // EPIPE or ECONNRESET once the origin has closed
+		await once(socket, "connect");
+		let answer = "";
+		socket.setEncoding("latin1").on("data", (chunk: string) => (answer += chunk));
+		// Not events.once: it would reject on the EPIPE that the origin's close causes.
+		const closed = new Promise(resolve => socket.once("close", resolve));
+		socket.write("POST /api/protected HTTP/1.1\r\nHost: origin\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n");
+		// Go on sending the body, as an attacker would, until the origin closes the
+		// connection or all 50 MB are sent. Loopback buffers hold a few MB: an origin that
+		// reads the body (to keep the connection) lets all of it through.
+		const chunk = Buffer.alloc(64 * 1024, "a");
+		let [sent, closedByOrigin] = [0, false];
+		closed.then(() => (closedByOrigin = true));
+		while (!closedByOrigin && sent < 50_000_000) {
+			if (socket.write(chunk)) sent += chunk.length;
+			else await Promise.race([new Promise(resolve => socket.once("drain", resolve)), closed, new Promise(resolve => setTimeout(resolve, 100))]);
+		}
+		await Promise.race([closed, new Promise(resolve => setTimeout(resolve, 3000))]);
+		socket.destroy();
+		assert.match(answer, /^HTTP\/1\.1 401 /);
+		assert.match(answer, /\r\nConnection: close\r\n/i);
+		assert.ok(closedByOrigin, "the origin kept the connection open, reading the body");
+		assert.ok(sent < 25_000_000, `the origin let ${sent} bytes of the body through before it closed`);
+	});
+
+	test("20 refusals of an 8 KB URL write under 20 KB of log", async () => {
+		const before = origin.output().length;
+		const path = `/api/protected?${"q".repeat(8 * 1024)}`;
+		for (let i = 0; i < 20; i++) assert.equal((await get(path)).status, 401);
+		await waitFor(() => (origin.output().slice(before).match(/<= .*401/g)?.length ?? 0) >= 20, "20 response lines");
+		const written = origin.output().length - before;
+		assert.ok(written < 20_000, `${written} bytes of log`);
+		assert.match(origin.output().slice(before), /\.\.\. \(8\d{3} characters\)/);
 	});
 
 	test("Moleculer's internal actions are not served over HTTP, even with the secret", async () => {

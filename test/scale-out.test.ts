@@ -5,15 +5,18 @@
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import { ServiceBroker } from "moleculer";
 import { freePort, SECRET, startOrigin, waitFor, type Origin } from "./origin.ts";
 
 let gatewayNode: Origin;
 let apiNode: Origin;
+let gatewayAddress: string;
 
 before(async () => {
 	// A static list of both nodes on 127.0.0.1: no multicast discovery, and no
 	// traffic leaves the loopback interface.
-	const TRANSPORTER = `tcp://127.0.0.1:${await freePort()}/gateway-1,127.0.0.1:${await freePort()}/api-1`;
+	gatewayAddress = `127.0.0.1:${await freePort()}`;
+	const TRANSPORTER = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/api-1`;
 	// LOGLEVEL=debug: the service node logs every request it receives.
 	apiNode = await startOrigin(
 		{ SERVICES: "api", NODE_ID: "api-1", TRANSPORTER, LOGLEVEL: "debug", SHARED_SECRET: undefined },
@@ -49,6 +52,30 @@ test("the right secret reaches api.protectedAction on the other node; a wrong on
 	await waitFor(() => callsReceivedByApiNode() >= 3, "the service node to log 3 requests");
 	assert.equal(callsReceivedByApiNode(), 3);
 	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
+});
+
+test("a node that joins the cluster cannot change or list the gateway's routes", { timeout: 30_000 }, async () => {
+	// Not in the gateway's list: it joins by naming the gateway in its own.
+	const urls = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/intruder`;
+	const intruder = new ServiceBroker({ nodeID: "intruder", logger: false, transporter: { type: "TCP", options: { urls, udpDiscovery: false } } });
+	await intruder.start();
+	try {
+		await intruder.waitForServices("gateway", 10_000);
+		const attempts: [string, object][] = [
+			["gateway.removeRoute", { path: "/" }],
+			["gateway.addRoute", { route: { path: "/open", mappingPolicy: "all" } }],
+			["gateway.listAliases", {}]
+		];
+		for (const [action, params] of attempts) {
+			await assert.rejects(intruder.call(action, params), { name: "ServiceNotFoundError" }, action);
+		}
+		// The routes are as they were: /health answers, and nothing new is open.
+		assert.equal((await fetch(`${gatewayNode.url}/health`)).status, 200);
+		const opened = await fetch(`${gatewayNode.url}/open/api/protectedAction`, { headers: { "x-shared-secret": SECRET } });
+		assert.equal(opened.status, 404);
+	} finally {
+		await intruder.stop();
+	}
 });
 
 test("the gateway node does not hold `api`: without the service node it answers 503 with Retry-After", { timeout: 30_000 }, async () => {

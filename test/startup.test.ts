@@ -16,7 +16,9 @@ const cases: [string, Record<string, string | undefined>, RegExp][] = [
 	["SHARED_SECRET with a space inside", { SHARED_SECRET: `${SECRET.slice(0, 20)} ${SECRET.slice(20)}` }, /SHARED_SECRET holds a space or a non-ASCII character/],
 	["SHARED_SECRET with non-ASCII", { SHARED_SECRET: `${SECRET}ü` }, /SHARED_SECRET holds a space or a non-ASCII character/],
 	["SHARED_SECRET that is a placeholder", { SHARED_SECRET: "changeme".repeat(5) }, /SHARED_SECRET uses fewer than 8 different characters/],
-	["PUBLIC_PATHS malformed", { SHARED_SECRET: SECRET, PUBLIC_PATHS: "/health" }, /PUBLIC_PATHS entry "\/health" is not "METHOD \/exact\/path"/]
+	["PUBLIC_PATHS malformed", { SHARED_SECRET: SECRET, PUBLIC_PATHS: "/health" }, /PUBLIC_PATHS entry "\/health" is not "METHOD \/exact\/path"/],
+	// moleculer-web routes OPTIONS as another method: such an entry would open that one.
+	["PUBLIC_PATHS with an OPTIONS entry", { SHARED_SECRET: SECRET, PUBLIC_PATHS: "GET /health,OPTIONS /api/protected" }, /PUBLIC_PATHS "OPTIONS \/api\/protected" opens every method: answer CORS preflights at the gateway/]
 ];
 
 // Each case is its own process, so they run side by side.
