@@ -27,8 +27,7 @@ const LOGGED_URL_LENGTH = 120; // of a refused URL, which the caller chose
 const doors = new WeakMap<ServiceBroker, Door>(); // each broker's, made in `created`
 const PASSED_DOOR = Symbol("passed SharedSecretMiddleware"); // see the retry below
 
-// Plain hooks, not typed as moleculer's `Middleware`: 0.14 and 0.15 type it differently
-// (0.14 rejects even a `name`), and this fits both.
+// Plain hooks, not typed as `Middleware`, which moleculer 0.14 and 0.15 type apart.
 export const SharedSecretMiddleware = {
 	// Runs once, inside `new ServiceBroker()`: a missing or weak SHARED_SECRET stops the
 	// process before it serves anything, never one request at a time.
@@ -65,8 +64,7 @@ export const SharedSecretMiddleware = {
 			// retryable error, the header wiped: a request let through stays let through.
 			if (params[PASSED_DOOR]) return next.call(this, ctx);
 			const { [HEADER]: presented, [CONSUMER_HEADER]: consumer } = req.headers;
-			// Route hooks and services never see the secret, nor a consumer the door did
-			// not vouch for, in any form of the headers.
+			// Route hooks and services never see the secret or an unvouched consumer.
 			if (presented !== undefined || consumer !== undefined) wipeHeaders(req);
 			// No public routes (the default): no route key to build.
 			if (publicRoutes.size === 0 || !publicRoutes.has(routeKey(req))) {
@@ -74,9 +72,8 @@ export const SharedSecretMiddleware = {
 				if (entry === 0) return refuse(req, res, presented ? "invalid" : "missing");
 				tally.accepted[entry - 1]++;
 				tally.lastSeen[entry - 1] = Date.now();
-				// Only a request with the secret came through the gateway, so only its
-				// consumer is the gateway's word. Written to a meta object of this request's
-				// own: moleculer-web may hand every request the same one (rootCallOptions).
+				// Only with the secret is the consumer the gateway's word. In a meta object of
+				// its own: moleculer-web may hand all requests one (rootCallOptions.meta).
 				if (typeof consumer === "string" && consumer) ctx.meta = { ...ctx.meta, consumer };
 			}
 			params[PASSED_DOOR] = true;
@@ -95,14 +92,10 @@ export const SharedSecretMiddleware = {
 // without a branch: the work depends on no secret's content or length, nor on the match.
 export function createSecretMatcher(secrets: readonly string[]): (presented: unknown) => number {
 	const width = Math.max(COMPARE_WIDTH, ...secrets.map((secret) => Buffer.byteLength(secret)));
-	const expected = secrets.map((secret) => {
-		const bytes = Buffer.alloc(width);
-		bytes.write(secret);
-		return { bytes, length: Buffer.byteLength(secret) };
-	});
+	const expected = secrets.map((secret) => Buffer.concat([Buffer.from(secret)], width));
+	const lengths = secrets.map((secret) => Buffer.byteLength(secret));
 	// One scratch buffer, reused: no other request runs until this function returns.
 	const scratch = Buffer.alloc(width);
-
 	return function whichSecret(presented: unknown): number {
 		// A header value is a string (a repeated header's values joined); nothing else is.
 		if (typeof presented !== "string") return 0;
@@ -112,18 +105,17 @@ export function createSecretMatcher(secrets: readonly string[]): (presented: unk
 		scratch.write(presented);
 		let entry = 0;
 		for (let index = 0; index < expected.length; index++) {
-			const sameBytes = timingSafeEqual(scratch, expected[index].bytes);
-			const sameLength = length === expected[index].length;
+			const sameBytes = timingSafeEqual(scratch, expected[index]);
+			const sameLength = length === lengths[index];
 			entry += (index + 1) * (Number(sameBytes) & Number(sameLength));
 		}
 		return entry;
 	};
 }
 
-// The two refusals, moleculer-web's UnAuthorizedError with the page's messages, written
-// from a head and body built once, by the door itself also in Express (whose default
-// handler makes a 500 of an error passed to `next`). A gateway `onError` gets a copy of the
-// error instead, so what it changes stays with that request (a copy is 10x cheaper than new).
+// The two refusals: moleculer-web's UnAuthorizedError, written from a head and body built
+// once, in Express too (whose default handler makes a 500 of an error passed to `next`).
+// A gateway `onError` gets a copy instead: what it changes stays with that request.
 function createRefusals(gateway: GatewayMethods, tally: Tally) {
 	const refusal = (message: string, type: string) => {
 		const error = new ApiGateway.Errors.UnAuthorizedError(type, undefined);
@@ -148,13 +140,7 @@ function createRefusals(gateway: GatewayMethods, tally: Tally) {
 		req.originalUrl = url.length <= LOGGED_URL_LENGTH
 			? url
 			: `${url.slice(0, LOGGED_URL_LENGTH)}... (${url.length} characters)`;
-		// A body the request announces is never read: the connection closes after the 401,
-		// so nobody makes the origin read megabytes. (HTTP/2 forbids a Connection header.)
-		const length = req.headers["content-length"];
-		const hasBody = (length !== undefined && length !== "0") ||
-			!!req.headers["transfer-encoding"];
-		const closing = hasBody && req.httpVersionMajor === 1;
-		if (closing) lingerUnread(req.socket);
+		const closing = closesUnread(req);
 		if (typeof gateway.settings.onError !== "function") {
 			res.writeHead(401, closing ? closingHead : head).end(body);
 			gateway.logResponse(req, res);
@@ -169,10 +155,9 @@ function createRefusals(gateway: GatewayMethods, tally: Tally) {
 	};
 }
 
-// A public route matches on the method and the exact path before "?", nothing else: no
-// prefix, no decoding, no normalising ("/health/../x", "//health" and "/health/" are not
-// "/health"), so "GET /health" reaches only the /health alias. (OPTIONS entries are
-// refused at start: moleculer-web routes OPTIONS as the method a preflight names.)
+// A public route matches on the method and the exact path before "?": no prefix, decoding
+// or normalising ("/health/../x", "//health" and "/health/" are not "/health"), so
+// "GET /health" reaches only that alias. (PUBLIC_PATHS refuses OPTIONS; see below.)
 function routeKey(req: GatewayRequest): string {
 	const url = req.url ?? "";
 	const query = url.indexOf("?");
@@ -193,14 +178,17 @@ function wipeHeaders(req: GatewayRequest) {
 	if (distinct) distinct[HEADER] = distinct[CONSUMER_HEADER] = undefined;
 }
 
-// Closing a socket with unread bytes resets the connection, and the client may lose the
-// 401. So it stops reading now, and closes half a second after the 401 is sent.
-function lingerUnread(socket: GatewayRequest["socket"]) {
+// A body a refused request announces is never read, so nobody makes the origin read
+// megabytes: it stops reading, and closes the connection half a second after the 401 (at
+// once, the unread bytes would reset it before the client reads the 401). HTTP/1 only.
+function closesUnread(req: GatewayRequest): boolean {
+	const length = req.headers["content-length"];
+	const hasBody = (length !== undefined && length !== "0") || !!req.headers["transfer-encoding"];
+	if (!hasBody || req.httpVersionMajor !== 1) return false;
+	const { socket } = req;
 	(socket as { _handle?: { readStop?(): void } })._handle?.readStop?.();
-	socket.destroySoon = () => {
-		socket.end();
-		setTimeout(() => socket.destroy(), 500).unref();
-	};
+	socket.destroySoon = () => socket.end(() => setTimeout(() => socket.destroy(), 500).unref());
+	return true;
 }
 
 // A moleculer-web gateway, whatever it is called, has these two methods.

@@ -40,11 +40,11 @@ copyFileSync(join(projectRoot, "dist/index.js"), bundle);
 const tsx = join(projectRoot, "node_modules/.bin/tsx");
 const denoFlags = ["run", "--allow-net=0.0.0.0", "--allow-env", "--allow-read=.", "--allow-sys=hostname,networkInterfaces"];
 const ways: { name: string; command?: string[]; cwd?: string }[] = [
-	{ name: "tsx (`npm start`)", command: [tsx, "index.ts"] },
-	{ name: `Node ${process.version}, type stripping`, command: process.features.typescript ? [process.execPath, "index.ts"] : undefined },
+	{ name: "tsx (`npm start`)", command: [tsx, "index.ts"], cwd: projectRoot },
+	{ name: `Node ${process.version}, type stripping`, command: process.features.typescript ? [process.execPath, "index.ts"] : undefined, cwd: projectRoot },
 	{ name: `the bundle on Node ${process.version}`, command: [process.execPath, bundle], cwd: bundleDir },
-	{ name: "Deno", command: deno ? [deno, ...denoFlags, "index.ts"] : undefined },
-	{ name: "Bun", command: bun ? [bun, "--no-env-file", "index.ts"] : undefined },
+	{ name: "Deno", command: deno ? [deno, ...denoFlags, "index.ts"] : undefined, cwd: projectRoot },
+	{ name: "Bun", command: bun ? [bun, "--no-env-file", "index.ts"] : undefined, cwd: projectRoot },
 	{ name: "the bundle on Bun", command: bun ? [bun, "--no-env-file", bundle] : undefined, cwd: bundleDir }
 ];
 

@@ -1,6 +1,7 @@
 /**
- * The benchmark's other contenders, each the template's `api` service behind the
- * same moleculer-web route as index.ts, so that only the guard differs:
+ * The benchmark's other contenders, each a plain `api` service with the template's
+ * answers behind the same moleculer-web route as index.ts, so that only the guard
+ * differs:
  *
  *   CONTENDER=baseline  no guard at all (with METRICS_PORT, Moleculer's metrics
  *                       on, as index.ts turns them on).
@@ -18,7 +19,6 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import { Errors, ServiceBroker, type ActionHandler, type ActionSchema, type Context, type LogLevels, type Middleware } from "moleculer";
 import ApiGateway from "moleculer-web";
-import { ApiService } from "../service.ts";
 
 const contender = process.env.CONTENDER;
 if (contender !== "baseline" && contender !== "page" && contender !== "floor") {
@@ -67,7 +67,15 @@ async function startMoleculer() {
 		metrics: metricsPort ? { enabled: true, reporter: { type: "Prometheus", options: { host: "127.0.0.1", port: metricsPort } } } : false
 	});
 
-	broker.createService(ApiService);
+	// What a user has without the template: the same answers, from a service that
+	// declares nothing extra (no retries, no hooks).
+	broker.createService({
+		name: "api",
+		actions: {
+			protectedAction: () => ({ message: "Access granted" }),
+			health: () => ({ status: "ok" })
+		}
+	});
 
 	const gateway = broker.createService({
 		name: "gateway",

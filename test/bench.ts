@@ -18,7 +18,8 @@ import { readdirSync, readFileSync } from "node:fs";
 import { Agent, request } from "node:http";
 import { availableParallelism } from "node:os";
 import { createSecretMatcher } from "../middleware.ts";
-import { freePort, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { join } from "node:path";
+import { freePort, projectRoot, SECRET, startOrigin, type Origin } from "./origin.ts";
 
 // Many short rounds: neighbours on a shared machine change its speed from one
 // second to the next, and contenders measured close together see the same.
@@ -33,7 +34,7 @@ const WRONG_SECRET = randomBytes(32).toString("hex");
 // Native type stripping where this Node has it, as in production (the bundle
 // has no source maps either); tsx otherwise. tsx turns on source maps, which
 // make every captured stack trace dearer and would flatter the template.
-const loader = process.features.typescript ? [] : ["--import", "tsx"];
+const loader = process.features.typescript ? [] : ["--import", import.meta.resolve("tsx")];
 
 function hasTaskset(): boolean {
 	try {
@@ -119,13 +120,14 @@ const contenders: Contender[] = [
 ];
 
 const metricsPorts = [await freePort(), await freePort()];
+const [indexTs, benchServer] = [join(projectRoot, "index.ts"), join(projectRoot, "test/bench-server.ts")];
 const serverCommands: Record<string, { command: string[]; env: Record<string, string> }> = {
-	baseline: { command: [process.execPath, ...loader, "test/bench-server.ts"], env: { CONTENDER: "baseline" } },
-	template: { command: [process.execPath, ...loader, "index.ts"], env: {} },
-	floor: { command: [process.execPath, ...loader, "test/bench-server.ts"], env: { CONTENDER: "floor" } },
-	page: { command: [process.execPath, ...loader, "test/bench-server.ts"], env: { CONTENDER: "page" } },
-	baselineMetrics: { command: [process.execPath, ...loader, "test/bench-server.ts"], env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) } },
-	templateMetrics: { command: [process.execPath, ...loader, "index.ts"], env: { METRICS_PORT: String(metricsPorts[1]) } }
+	baseline: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "baseline" } },
+	template: { command: [process.execPath, ...loader, indexTs], env: {} },
+	floor: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "floor" } },
+	page: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "page" } },
+	baselineMetrics: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) } },
+	templateMetrics: { command: [process.execPath, ...loader, indexTs], env: { METRICS_PORT: String(metricsPorts[1]) } }
 };
 
 // --- The micro-benchmark: one comparison alone --------------------------------

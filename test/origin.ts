@@ -7,9 +7,16 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { connect, createServer, type AddressInfo } from "node:net";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 export const projectRoot = fileURLToPath(new URL("..", import.meta.url));
+
+// Origins start in a folder of their own, with no .env: index.ts reads one from the folder
+// it starts in, and `npm run setup` may have left one in the project.
+export const emptyFolder = mkdtempSync(join(tmpdir(), "origin-"));
 
 // Two strong secrets, as during a rotation: "new,old".
 export const SECRET = "a3f1c9e07b52d48e96f03a7c1b8e25d4c07f9a16e3b2d58f40a9c6e17b3d2f08";
@@ -26,13 +33,16 @@ export function originCommand(): string[] {
 // uptime and load (the README's runtime table says the same).
 const DENO_SYS_WITH_METRICS = "hostname,networkInterfaces,osRelease,systemMemoryInfo,osUptime,loadavg";
 
-/** How the runtime running the tests runs one of the tests' own .ts files (from projectRoot). */
+/** How the runtime running the tests runs one of the project's .ts files, from any folder. */
 export function typeScriptCommand(file: string): string[] {
+	const path = join(projectRoot, file);
 	if ("Deno" in globalThis) {
-		return [process.execPath, "run", "--allow-net", "--allow-env", "--allow-read=.", `--allow-sys=${DENO_SYS_WITH_METRICS}`, file];
+		return [process.execPath, "run", "--allow-net", "--allow-env", `--allow-read=${projectRoot},.`, `--allow-sys=${DENO_SYS_WITH_METRICS}`, path];
 	}
-	if ("Bun" in globalThis) return [process.execPath, "--no-env-file", file];
-	return [process.execPath, "--import", "tsx", file];
+	// Bun would read .env itself: the tests check that index.ts does.
+	if ("Bun" in globalThis) return [process.execPath, "--no-env-file", path];
+	// tsx as found from here, since the origin's folder has no node_modules.
+	return [process.execPath, "--import", import.meta.resolve("tsx"), path];
 }
 
 // Deno's node:child_process reports a child that exits on its own after
@@ -56,14 +66,14 @@ export type Exit = { code: number | null; output: string };
 function spawnOrigin(
 	env: Record<string, string | undefined>,
 	commandLine = originCommand(),
-	cwd = process.env.ORIGIN_CWD ?? projectRoot
+	cwd = process.env.ORIGIN_CWD ?? emptyFolder
 ): { child: ChildProcess; output(): string } {
 	const [command, ...args] = commandLine;
 	// The tests' environment is passed on except the origin's own variables,
 	// which each test sets (or leaves unset) on purpose.
 	const inherited = { ...process.env };
 	for (const name of [
-		"SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID",
+		"SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID", "NATS_TOKEN",
 		"SHARED_SECRET_REPORT_SECONDS", "SHARED_SECRET_QUIET_SECONDS", "METRICS_PORT", "METRICS_HOST"
 	]) {
 		delete inherited[name];
