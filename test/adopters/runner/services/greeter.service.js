@@ -1,0 +1,6 @@
+module.exports = {
+	name: "greeter",
+	actions: {
+		hello: () => "Hello Moleculer",
+	},
+};
