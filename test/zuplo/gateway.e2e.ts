@@ -84,10 +84,6 @@ const listen = (server: Server) =>
 async function startZuplo(env: Record<string, string | undefined>): Promise<{ url: string; stop(): Promise<void> }> {
 	const lines = Object.entries(env).flatMap(([name, value]) => (value === undefined ? [] : [`${name}=${value}`]));
 	writeFileSync(join(zuploProject, ".env"), `${lines.join("\n")}\n`);
-	// What an earlier `zuplo dev` generated goes: with its tsconfig.json and
-	// .zuplo/ left over, the next start fails to build ("Could not resolve
-	// .zuplo/worker.ts").
-	for (const generated of [".zuplo", "dist", "tsconfig.json"]) rmSync(join(zuploProject, generated), { recursive: true, force: true });
 	const port = await freePort();
 	const child: ChildProcess = spawn(
 		process.execPath,
