@@ -34,7 +34,10 @@ const THRESHOLD = 4.5;
 // which entry matched. Many pairs average it out, so what is left is the
 // position.
 const rotations = Array.from({ length: 1024 }, () => {
-	const [current, old] = [randomBytes(SECRET.length / 2).toString("hex"), randomBytes(SECRET.length / 2).toString("hex")];
+	const [current, old] = [
+		randomBytes(SECRET.length / 2).toString("hex"),
+		randomBytes(SECRET.length / 2).toString("hex"),
+	];
 	return { current, old, whichOfTwo: createSecretMatcher([current, old]) };
 });
 
@@ -55,15 +58,17 @@ const makers: Record<string, () => string> = {
 };
 // During a rotation: the right secret, as entry 1 or as entry 2 of its pair.
 const rotationClasses = {
-	"entry 1 of 2": rotations.map(pair => Buffer.from(pair.current, "latin1")),
-	"entry 2 of 2": rotations.map(pair => Buffer.from(pair.old, "latin1"))
+	"entry 1 of 2": rotations.map((pair) => Buffer.from(pair.current, "latin1")),
+	"entry 2 of 2": rotations.map((pair) => Buffer.from(pair.old, "latin1")),
 };
 // Each class is kept as bytes. Before each timed call, the value is decoded
 // into a fresh string, as Node's HTTP parser makes one for every request: flat
 // (a string built with + is a V8 "rope", flattened on first use; mixing the two
 // kinds alone gives classes that differ in nothing else a large |t|).
 const classes: Record<string, Buffer[]> = Object.fromEntries(
-	Object.entries(makers).map(([name, make]) => [name, Array.from({ length: POOL }, () => Buffer.from(make(), "latin1"))])
+	Object.entries(makers).map((
+		[name, make],
+	) => [name, Array.from({ length: POOL }, () => Buffer.from(make(), "latin1"))]),
 );
 
 const whichSecret = createSecretMatcher([SECRET]);
@@ -93,7 +98,11 @@ function welch(a: Float64Array, b: Float64Array): number {
 	return (x.mean - y.mean) / Math.sqrt(x.variance / x.n + y.variance / y.n);
 }
 
-function measurePair(compare: (value: string, index: number) => unknown, first: Buffer[], second: Buffer[]): number {
+function measurePair(
+	compare: (value: string, index: number) => unknown,
+	first: Buffer[],
+	second: Buffer[],
+): number {
 	const length = SECRET.length;
 	const times = [new Float64Array(2 * CALLS_PER_PAIR), new Float64Array(2 * CALLS_PER_PAIR)];
 	const counts = [0, 0];
@@ -131,10 +140,19 @@ for (let call = 0; call < 200_000; call++) {
 	naive(value);
 }
 
-console.log(`\nTiming leak check: ${CALLS_PER_PAIR.toLocaleString("en")} timed calls per class and pair; |t| > ${THRESHOLD} is a leak.\n`);
+console.log(
+	`\nTiming leak check: ${
+		CALLS_PER_PAIR.toLocaleString("en")
+	} timed calls per class and pair; |t| > ${THRESHOLD} is a leak.\n`,
+);
 console.log("| comparison | classes | Welch's t | verdict |");
 console.log("| --- | --- | --- | --- |");
-const row = (compare: (value: string, index: number) => unknown, label: string, first: string, second: string) => {
+const row = (
+	compare: (value: string, index: number) => unknown,
+	label: string,
+	first: string,
+	second: string,
+) => {
 	const pools: Record<string, Buffer[]> = { ...classes, ...rotationClasses };
 	const t = measurePair(compare, pools[first], pools[second]);
 	const verdict = Math.abs(t) > THRESHOLD ? "DIFFERENT: a leak" : "no difference found";

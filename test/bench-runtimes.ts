@@ -23,7 +23,8 @@ const REQUESTS = Number(process.env.BENCH_RUNTIME_REQUESTS ?? 5000);
 function find(name: string, fromEnvironment: string | undefined): string | undefined {
 	if (fromEnvironment) return fromEnvironment;
 	try {
-		return execFileSync("sh", ["-c", `command -v ${name}`], { encoding: "utf8" }).trim() || undefined;
+		return execFileSync("sh", ["-c", `command -v ${name}`], { encoding: "utf8" }).trim() ||
+			undefined;
 	} catch {
 		return undefined;
 	}
@@ -38,14 +39,40 @@ const bundle = join(bundleDir, "index.js");
 copyFileSync(join(projectRoot, "dist/index.js"), bundle);
 
 const tsx = join(projectRoot, "node_modules/.bin/tsx");
-const denoFlags = ["run", "--allow-net=0.0.0.0", "--allow-env", "--allow-read=.", "--allow-sys=hostname,networkInterfaces"];
+const denoFlags = [
+	"run",
+	"--allow-net=0.0.0.0",
+	"--allow-env",
+	"--allow-read=.",
+	"--allow-sys=hostname,networkInterfaces",
+];
 const ways: { name: string; command?: string[]; cwd?: string }[] = [
 	{ name: "tsx (`npm start`)", command: [tsx, "index.ts"], cwd: projectRoot },
-	{ name: `Node ${process.version}, type stripping`, command: process.features.typescript ? [process.execPath, "index.ts"] : undefined, cwd: projectRoot },
-	{ name: `the bundle on Node ${process.version}`, command: [process.execPath, bundle], cwd: bundleDir },
-	{ name: "Deno", command: deno ? [deno, ...denoFlags, "index.ts"] : undefined, cwd: projectRoot },
-	{ name: "Bun", command: bun ? [bun, "--no-env-file", "index.ts"] : undefined, cwd: projectRoot },
-	{ name: "the bundle on Bun", command: bun ? [bun, "--no-env-file", bundle] : undefined, cwd: bundleDir }
+	{
+		name: `Node ${process.version}, type stripping`,
+		command: process.features.typescript ? [process.execPath, "index.ts"] : undefined,
+		cwd: projectRoot,
+	},
+	{
+		name: `the bundle on Node ${process.version}`,
+		command: [process.execPath, bundle],
+		cwd: bundleDir,
+	},
+	{
+		name: "Deno",
+		command: deno ? [deno, ...denoFlags, "index.ts"] : undefined,
+		cwd: projectRoot,
+	},
+	{
+		name: "Bun",
+		command: bun ? [bun, "--no-env-file", "index.ts"] : undefined,
+		cwd: projectRoot,
+	},
+	{
+		name: "the bundle on Bun",
+		command: bun ? [bun, "--no-env-file", bundle] : undefined,
+		cwd: bundleDir,
+	},
 ];
 
 /** Resident memory of a process and all its descendants, in MiB. */
@@ -54,7 +81,9 @@ function treeRssMiB(pid: number): number {
 	for (const entry of readdirSync("/proc")) {
 		if (!/^\d+$/.test(entry)) continue;
 		try {
-			const parent = Number(readFileSync(`/proc/${entry}/stat`, "utf8").split(") ")[1].split(" ")[1]);
+			const parent = Number(
+				readFileSync(`/proc/${entry}/stat`, "utf8").split(") ")[1].split(" ")[1],
+			);
 			children.set(parent, [...(children.get(parent) ?? []), Number(entry)]);
 		} catch {
 			// The process ended while we looked.
@@ -63,7 +92,9 @@ function treeRssMiB(pid: number): number {
 	let kib = 0;
 	const visit = (id: number) => {
 		try {
-			kib += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${id}/status`, "utf8"))?.[1] ?? 0);
+			kib += Number(
+				/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${id}/status`, "utf8"))?.[1] ?? 0,
+			);
 		} catch {
 			// Ended.
 		}
@@ -79,7 +110,11 @@ async function load(url: string, amount: number): Promise<void> {
 	const connection = async () => {
 		while (sent++ < amount) {
 			await new Promise<void>((resolve, reject) =>
-				request(`${url}/api/protected`, { agent, headers: { "x-shared-secret": SECRET } }, response => response.resume().once("end", resolve))
+				request(
+					`${url}/api/protected`,
+					{ agent, headers: { "x-shared-secret": SECRET } },
+					(response) => response.resume().once("end", resolve),
+				)
 					.once("error", reject)
 					.end()
 			);
@@ -89,9 +124,12 @@ async function load(url: string, amount: number): Promise<void> {
 	agent.destroy();
 }
 
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+const median = (values: number[]) =>
+	[...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
 
-console.log(`\nWhat each way of running costs: median of ${RUNS} starts; RSS of the whole process tree.\n`);
+console.log(
+	`\nWhat each way of running costs: median of ${RUNS} starts; RSS of the whole process tree.\n`,
+);
 console.log(`| way of running | ready in | RSS at ready | RSS after ${REQUESTS} requests |`);
 console.log("| --- | --- | --- | --- |");
 for (const way of ways) {
@@ -104,12 +142,19 @@ for (const way of ways) {
 	const rssAfter: number[] = [];
 	for (let run = 0; run < RUNS; run++) {
 		const spawnedAt = performance.now();
-		const origin = await startOrigin({ LOGLEVEL: "info" }, { command: way.command, cwd: way.cwd });
+		const origin = await startOrigin({ LOGLEVEL: "info" }, {
+			command: way.command,
+			cwd: way.cwd,
+		});
 		ready.push(performance.now() - spawnedAt);
 		rssAtReady.push(treeRssMiB(origin.child.pid!));
 		await load(origin.url, REQUESTS);
 		rssAfter.push(treeRssMiB(origin.child.pid!));
 		await origin.stop();
 	}
-	console.log(`| ${way.name} | ${median(ready).toFixed(0)} ms | ${median(rssAtReady).toFixed(0)} MiB | ${median(rssAfter).toFixed(0)} MiB |`);
+	console.log(
+		`| ${way.name} | ${median(ready).toFixed(0)} ms | ${median(rssAtReady).toFixed(0)} MiB | ${
+			median(rssAfter).toFixed(0)
+		} MiB |`,
+	);
 }

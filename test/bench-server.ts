@@ -17,7 +17,15 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server } from "node:http";
-import { Errors, ServiceBroker, type ActionHandler, type ActionSchema, type Context, type LogLevels, type Middleware } from "moleculer";
+import {
+	type ActionHandler,
+	type ActionSchema,
+	type Context,
+	Errors,
+	type LogLevels,
+	type Middleware,
+	ServiceBroker,
+} from "moleculer";
 import ApiGateway from "moleculer-web";
 
 const contender = process.env.CONTENDER;
@@ -27,13 +35,16 @@ if (contender !== "baseline" && contender !== "page" && contender !== "floor") {
 
 // The floor: no broker is even built.
 if (contender === "floor") {
-	const body = '{"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}';
+	const body =
+		'{"name":"UnAuthorizedError","message":"Invalid secret","code":401,"type":"INVALID_TOKEN"}';
 	const headers = {
 		"Content-type": "application/json; charset=utf-8",
 		"Content-Length": String(body.length),
-		"WWW-Authenticate": 'SharedSecret header="x-shared-secret"'
+		"WWW-Authenticate": 'SharedSecret header="x-shared-secret"',
 	};
-	createServer((_req, res) => res.writeHead(401, headers).end(body)).listen(Number(process.env.PORT ?? 0));
+	createServer((_req, res) => res.writeHead(401, headers).end(body)).listen(
+		Number(process.env.PORT ?? 0),
+	);
 } else {
 	await startMoleculer();
 }
@@ -48,23 +59,33 @@ async function startMoleculer() {
 			// The common fix for the page's defects 3 and 8: leave the gateway's own
 			// actions and Moleculer's internal ones alone.
 			if (action.service?.name === "gateway" || action.name?.startsWith("$")) return next;
-			return function pageStyleCheck(this: unknown, ctx: Context<unknown, { secret?: string }>) {
+			return function pageStyleCheck(
+				this: unknown,
+				ctx: Context<unknown, { secret?: string }>,
+			) {
 				const presented = ctx.meta.secret;
-				if (!presented) throw new Errors.MoleculerClientError("No secret provided", 401, "NO_SECRET");
+				if (!presented) {
+					throw new Errors.MoleculerClientError("No secret provided", 401, "NO_SECRET");
+				}
 				const digest = createHash("sha256").update(presented).digest();
 				if (!timingSafeEqual(digest, expectedDigest)) {
 					throw new Errors.MoleculerClientError("Invalid secret", 401, "INVALID_SECRET");
 				}
 				return next.call(this as never, ctx);
 			};
-		}
+		},
 	};
 
 	const metricsPort = Number(process.env.METRICS_PORT || 0);
 	const broker = new ServiceBroker({
 		logLevel: (process.env.LOGLEVEL ?? "warn") as LogLevels,
 		middlewares: contender === "page" ? [PageStyleCheck] : [],
-		metrics: metricsPort ? { enabled: true, reporter: { type: "Prometheus", options: { host: "127.0.0.1", port: metricsPort } } } : false
+		metrics: metricsPort
+			? {
+				enabled: true,
+				reporter: { type: "Prometheus", options: { host: "127.0.0.1", port: metricsPort } },
+			}
+			: false,
 	});
 
 	// What a user has without the template: the same answers, from a service that
@@ -73,8 +94,8 @@ async function startMoleculer() {
 		name: "api",
 		actions: {
 			protectedAction: () => ({ message: "Access granted" }),
-			health: () => ({ status: "ok" })
-		}
+			health: () => ({ status: "ok" }),
+		},
 	});
 
 	const gateway = broker.createService({
@@ -86,18 +107,27 @@ async function startMoleculer() {
 				{
 					path: "/",
 					mappingPolicy: "restrict",
-					aliases: { "GET /api/protected": "api.protectedAction", "GET /health": "api.health" },
+					aliases: {
+						"GET /api/protected": "api.protectedAction",
+						"GET /health": "api.health",
+					},
 					...(contender === "page" && {
-						onBeforeCall(ctx: Context<unknown, { secret?: string }>, _route: unknown, req: IncomingMessage) {
+						onBeforeCall(
+							ctx: Context<unknown, { secret?: string }>,
+							_route: unknown,
+							req: IncomingMessage,
+						) {
 							ctx.meta.secret = req.headers["x-shared-secret"] as string | undefined;
-						}
-					})
-				}
-			]
-		}
+						},
+					}),
+				},
+			],
+		},
 	});
 
 	await broker.start();
-	const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
+	const { port } = (gateway as unknown as { server: Server }).server.address() as {
+		port: number;
+	};
 	broker.logger.info(`Origin ready at http://localhost:${port}`);
 }

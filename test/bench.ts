@@ -19,7 +19,7 @@ import { Agent, request } from "node:http";
 import { availableParallelism } from "node:os";
 import { createSecretMatcher } from "../middleware.ts";
 import { join } from "node:path";
-import { freePort, projectRoot, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { freePort, type Origin, projectRoot, SECRET, startOrigin } from "./origin.ts";
 
 // Many short rounds: neighbours on a shared machine change its speed from one
 // second to the next, and contenders measured close together see the same.
@@ -66,11 +66,15 @@ const agents = new Map<string, Agent>();
 
 function get(url: string, secret: string): Promise<number> {
 	let agent = agents.get(url);
-	if (!agent) agents.set(url, (agent = new Agent({ keepAlive: true, maxSockets: CONNECTIONS })));
+	if (!agent) agents.set(url, agent = new Agent({ keepAlive: true, maxSockets: CONNECTIONS }));
 	return new Promise((resolve, reject) => {
-		request(`${url}/api/protected`, { agent, headers: { "x-shared-secret": secret } }, response => {
-			response.resume().once("end", () => resolve(response.statusCode!));
-		})
+		request(
+			`${url}/api/protected`,
+			{ agent, headers: { "x-shared-secret": secret } },
+			(response) => {
+				response.resume().once("end", () => resolve(response.statusCode!));
+			},
+		)
 			.once("error", reject)
 			.end();
 	});
@@ -105,34 +109,95 @@ const BASELINE = "Baseline: no guard";
 const BASELINE_METRICS = "Baseline, metrics on";
 const contenders: Contender[] = [
 	{ name: BASELINE, server: "baseline", secret: SECRET, expectedStatus: 200, versus: BASELINE },
-	{ name: "This template, right secret", server: "template", secret: SECRET, expectedStatus: 200, versus: BASELINE, target: 1.03 },
+	{
+		name: "This template, right secret",
+		server: "template",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+		target: 1.03,
+	},
 	// A refusal costs well under serving the request would: a flood sent
 	// around the gateway is cheaper for the origin than real traffic.
-	{ name: "This template, wrong secret", server: "template", secret: WRONG_SECRET, expectedStatus: 401, versus: BASELINE, target: 0.75 },
+	{
+		name: "This template, wrong secret",
+		server: "template",
+		secret: WRONG_SECRET,
+		expectedStatus: 401,
+		versus: BASELINE,
+		target: 0.75,
+	},
 	// What no code on Node can go under: node:http writing the same 401 bytes.
-	{ name: "Floor: node:http alone, the same 401", server: "floor", secret: WRONG_SECRET, expectedStatus: 401, versus: BASELINE },
-	{ name: "Page's approach as commonly fixed, right secret", server: "page", secret: SECRET, expectedStatus: 200, versus: BASELINE },
-	{ name: "Page's approach as commonly fixed, wrong secret", server: "page", secret: WRONG_SECRET, expectedStatus: 401, versus: BASELINE },
+	{
+		name: "Floor: node:http alone, the same 401",
+		server: "floor",
+		secret: WRONG_SECRET,
+		expectedStatus: 401,
+		versus: BASELINE,
+	},
+	{
+		name: "Page's approach as commonly fixed, right secret",
+		server: "page",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+	},
+	{
+		name: "Page's approach as commonly fixed, wrong secret",
+		server: "page",
+		secret: WRONG_SECRET,
+		expectedStatus: 401,
+		versus: BASELINE,
+	},
 	// With METRICS_PORT, Moleculer's own request metrics cost something on
 	// every action; the door's counting must add nothing to that.
-	{ name: BASELINE_METRICS, server: "baselineMetrics", secret: SECRET, expectedStatus: 200, versus: BASELINE },
-	{ name: "This template, metrics on, right secret", server: "templateMetrics", secret: SECRET, expectedStatus: 200, versus: BASELINE_METRICS, target: 1.03 }
+	{
+		name: BASELINE_METRICS,
+		server: "baselineMetrics",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+	},
+	{
+		name: "This template, metrics on, right secret",
+		server: "templateMetrics",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE_METRICS,
+		target: 1.03,
+	},
 ];
 
 const metricsPorts = [await freePort(), await freePort()];
-const [indexTs, benchServer] = [join(projectRoot, "index.ts"), join(projectRoot, "test/bench-server.ts")];
+const [indexTs, benchServer] = [
+	join(projectRoot, "index.ts"),
+	join(projectRoot, "test/bench-server.ts"),
+];
 const serverCommands: Record<string, { command: string[]; env: Record<string, string> }> = {
-	baseline: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "baseline" } },
+	baseline: {
+		command: [process.execPath, ...loader, benchServer],
+		env: { CONTENDER: "baseline" },
+	},
 	template: { command: [process.execPath, ...loader, indexTs], env: {} },
 	floor: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "floor" } },
 	page: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "page" } },
-	baselineMetrics: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) } },
-	templateMetrics: { command: [process.execPath, ...loader, indexTs], env: { METRICS_PORT: String(metricsPorts[1]) } }
+	baselineMetrics: {
+		command: [process.execPath, ...loader, benchServer],
+		env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) },
+	},
+	templateMetrics: {
+		command: [process.execPath, ...loader, indexTs],
+		env: { METRICS_PORT: String(metricsPorts[1]) },
+	},
 };
 
 // --- The micro-benchmark: one comparison alone --------------------------------
 
-function nanosecondsPerCall(fn: (value: string) => unknown, values: string[], calls = 1_000_000): number {
+function nanosecondsPerCall(
+	fn: (value: string) => unknown,
+	values: string[],
+	calls = 1_000_000,
+): number {
 	for (let i = 0; i < 100_000; i++) fn(values[i % values.length]);
 	const start = process.hrtime.bigint();
 	for (let i = 0; i < calls; i++) fn(values[i % values.length]);
@@ -141,7 +206,8 @@ function nanosecondsPerCall(fn: (value: string) => unknown, values: string[], ca
 
 const whichSecret = createSecretMatcher([SECRET]);
 const expectedDigest = createHash("sha256").update(SECRET).digest();
-const hashed = (value: string) => timingSafeEqual(createHash("sha256").update(value).digest(), expectedDigest);
+const hashed = (value: string) =>
+	timingSafeEqual(createHash("sha256").update(value).digest(), expectedDigest);
 const samples = [SECRET, WRONG_SECRET, "short", SECRET.slice(0, -1)];
 const compareNs = nanosecondsPerCall(whichSecret, samples);
 const hashNs = nanosecondsPerCall(hashed, samples);
@@ -149,23 +215,32 @@ const hashNs = nanosecondsPerCall(hashed, samples);
 // --- The servers ----------------------------------------------------------------
 
 console.log(
-	`Node ${process.version}, ${pinned ? "server pinned to core 1, load generator to core 0" : "no taskset: unpinned"}, ` +
+	`Node ${process.version}, ${
+		pinned ? "server pinned to core 1, load generator to core 0" : "no taskset: unpinned"
+	}, ` +
 		`${process.features.typescript ? "native type stripping" : "tsx"}; ` +
-		`${ROUNDS} rounds of ${REQUESTS} requests over ${CONNECTIONS} connections per contender.`
+		`${ROUNDS} rounds of ${REQUESTS} requests over ${CONNECTIONS} connections per contender.`,
 );
 
 const servers: Record<string, Origin> = {};
 try {
 	for (const [name, { command, env }] of Object.entries(serverCommands)) {
 		// LOGLEVEL=warn: no per-request log lines, in every contender alike.
-		servers[name] = await startOrigin({ LOGLEVEL: "warn", ...env }, { command: onServerCore(command), pollPort: await freePort() });
+		servers[name] = await startOrigin({ LOGLEVEL: "warn", ...env }, {
+			command: onServerCore(command),
+			pollPort: await freePort(),
+		});
 	}
 
 	// Warm up every contender, and check each answers as it should.
 	for (const contender of contenders) {
 		const counts = await load(servers[contender.server].url, contender.secret, WARMUP_REQUESTS);
 		if (counts[contender.expectedStatus] !== WARMUP_REQUESTS) {
-			throw new Error(`${contender.name}: expected ${WARMUP_REQUESTS} × ${contender.expectedStatus}, got ${JSON.stringify(counts)}`);
+			throw new Error(
+				`${contender.name}: expected ${WARMUP_REQUESTS} × ${contender.expectedStatus}, got ${
+					JSON.stringify(counts)
+				}`,
+			);
 		}
 	}
 
@@ -183,28 +258,37 @@ try {
 			perRequest[index][round] = (cpuNanoseconds(child.pid!) - before) / REQUESTS / 1000;
 		}
 		for (const [index, { versus }] of contenders.entries()) {
-			const reference = contenders.findIndex(contender => contender.name === versus);
+			const reference = contenders.findIndex((contender) => contender.name === versus);
 			ratios[index][round] = perRequest[index][round] / perRequest[reference][round];
 		}
 		process.stdout.write(round + 1 === ROUNDS ? ".\n" : ".");
 	}
 
 	// A Markdown table: readable here, and pasted as is into the README.
-	const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
-	console.log("\n| contender | answer | server CPU µs per request | median ratio | to | target |");
+	const median = (values: number[]) =>
+		[...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+	console.log(
+		"\n| contender | answer | server CPU µs per request | median ratio | to | target |",
+	);
 	console.log("| --- | --- | --- | --- | --- | --- |");
 	for (const [index, contender] of contenders.entries()) {
 		const ratio = median(ratios[index]);
-		const verdict = contender.target === undefined ? "" : `<= ${contender.target.toFixed(2)}: ${ratio <= contender.target ? "met" : "MISSED"}`;
+		const verdict = contender.target === undefined
+			? ""
+			: `<= ${contender.target.toFixed(2)}: ${ratio <= contender.target ? "met" : "MISSED"}`;
 		console.log(
-			`| ${contender.name} | ${contender.expectedStatus} | ${median(perRequest[index]).toFixed(1)} | ${ratio.toFixed(3)} | ${contender.versus} | ${verdict} |`
+			`| ${contender.name} | ${contender.expectedStatus} | ${
+				median(perRequest[index]).toFixed(1)
+			} | ${ratio.toFixed(3)} | ${contender.versus} | ${verdict} |`,
 		);
 	}
 	console.log(
-		`\nOne comparison alone: ${compareNs.toFixed(0)} ns (target <= 500 ns: ${compareNs <= 500 ? "met" : "MISSED"}); ` +
-			`SHA-256 of the value, then timingSafeEqual: ${hashNs.toFixed(0)} ns.`
+		`\nOne comparison alone: ${compareNs.toFixed(0)} ns (target <= 500 ns: ${
+			compareNs <= 500 ? "met" : "MISSED"
+		}); ` +
+			`SHA-256 of the value, then timingSafeEqual: ${hashNs.toFixed(0)} ns.`,
 	);
 } finally {
 	for (const agent of agents.values()) agent.destroy();
-	await Promise.all(Object.values(servers).map(server => server.stop()));
+	await Promise.all(Object.values(servers).map((server) => server.stop()));
 }

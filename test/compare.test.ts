@@ -27,7 +27,7 @@ test("refuses near misses: prefix, suffix, case, one byte off, the list joined",
 		`${SECRET.slice(0, 10)}${SECRET[10] === "a" ? "b" : "a"}${SECRET.slice(11)}`,
 		` ${SECRET}`,
 		`${SECRET},${OLD_SECRET}`,
-		`${SECRET}, ${SECRET}`
+		`${SECRET}, ${SECRET}`,
 	];
 	for (const value of nearMisses) assert.equal(whichSecret(value), 0, JSON.stringify(value));
 });
@@ -37,7 +37,8 @@ test("refuses non-ASCII that a byte-length or UTF-16-length check would let thro
 	// Same UTF-16 length as the secret, more bytes.
 	assert.equal(whichSecret(`${SECRET.slice(0, -1)}ü`), 0);
 	// Characters whose low byte is an ASCII letter of the secret.
-	const lowByteTwins = [...SECRET].map(char => String.fromCharCode(0x100 + char.charCodeAt(0))).join("");
+	const lowByteTwins = [...SECRET].map((char) => String.fromCharCode(0x100 + char.charCodeAt(0)))
+		.join("");
 	assert.equal(whichSecret(lowByteTwins), 0);
 	// Latin-1 as Node decodes raw header bytes >= 0x80.
 	assert.equal(whichSecret(Buffer.from([0xc3, 0xbc, 0xff]).toString("latin1")), 0);
@@ -47,7 +48,18 @@ test("refuses non-ASCII that a byte-length or UTF-16-length check would let thro
 
 test("never throws, whatever it is given", () => {
 	const whichSecret = createSecretMatcher([SECRET]);
-	const odd: unknown[] = [undefined, null, 0, 1n, {}, [SECRET], [SECRET, SECRET], Symbol("s"), () => SECRET, "x".repeat(1 << 20)];
+	const odd: unknown[] = [
+		undefined,
+		null,
+		0,
+		1n,
+		{},
+		[SECRET],
+		[SECRET, SECRET],
+		Symbol("s"),
+		() => SECRET,
+		"x".repeat(1 << 20),
+	];
 	for (const value of odd) assert.equal(whichSecret(value), 0, String(typeof value));
 	// A seeded stream of random UTF-16 strings of random lengths.
 	let seed = 0x5eed;
@@ -55,7 +67,9 @@ test("never throws, whatever it is given", () => {
 	for (let i = 0; i < 5000; i++) {
 		const length = Math.floor(random() * 300);
 		let value = "";
-		for (let j = 0; j < length; j++) value += String.fromCharCode(Math.floor(random() * 0x10000));
+		for (let j = 0; j < length; j++) {
+			value += String.fromCharCode(Math.floor(random() * 0x10000));
+		}
 		assert.equal(whichSecret(value), 0);
 	}
 });

@@ -6,7 +6,13 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import type { IncomingMessage, Server } from "node:http";
-import { Errors, ServiceBroker, type BrokerOptions, type Context, type ServiceSchema } from "moleculer";
+import {
+	type BrokerOptions,
+	type Context,
+	Errors,
+	ServiceBroker,
+	type ServiceSchema,
+} from "moleculer";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
 import { OLD_SECRET, SECRET } from "./origin.ts";
@@ -26,13 +32,13 @@ before(async () => {
 			list: () => [{ id: 1 }],
 			status: () => "up",
 			// Shows what a service receives in ctx.meta.
-			whatDoISee: (ctx: Context) => ctx.meta
+			whatDoISee: (ctx: Context) => ctx.meta,
 		},
 		events: {
 			"order.created"(ctx: Context) {
 				eventsSeen.push(ctx.params);
-			}
-		}
+			},
+		},
 	});
 
 	const gateway = broker.createService({
@@ -50,23 +56,29 @@ before(async () => {
 						"POST /orders": "orders.list",
 						"GET /status": "orders.status",
 						"GET /meta": "orders.whatDoISee",
-						"GET /public-meta": "orders.whatDoISee"
+						"GET /public-meta": "orders.whatDoISee",
 					},
 					// Parses JSON bodies: a malformed one gets 400 once parsing runs.
 					bodyParsers: { json: true },
 					// A common pattern: hand every request header to the services, in
 					// every form Node offers them.
-					onBeforeCall(ctx: Context<unknown, Record<string, unknown>>, _route: unknown, req: IncomingMessage) {
+					onBeforeCall(
+						ctx: Context<unknown, Record<string, unknown>>,
+						_route: unknown,
+						req: IncomingMessage,
+					) {
 						ctx.meta.headers = req.headers;
 						ctx.meta.rawHeaders = req.rawHeaders;
 						ctx.meta.headersDistinct = req.headersDistinct;
-					}
-				}
-			]
-		}
+					},
+				},
+			],
+		},
 	});
 	await broker.start();
-	const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
+	const { port } = (gateway as unknown as { server: Server }).server.address() as {
+		port: number;
+	};
 	base = `http://127.0.0.1:${port}`;
 });
 
@@ -82,17 +94,26 @@ test("no secret and a wrong one are refused there too", async () => {
 	const missing = await fetch(`${base}/v2/orders`);
 	assert.equal(missing.status, 401);
 	assert.equal((await missing.json()).message, "No secret provided");
-	const wrong = await fetch(`${base}/v2/orders`, { headers: { "x-shared-secret": `${SECRET}!` } });
+	const wrong = await fetch(`${base}/v2/orders`, {
+		headers: { "x-shared-secret": `${SECRET}!` },
+	});
 	assert.equal(wrong.status, 401);
 	assert.equal((await wrong.json()).message, "Invalid secret");
 });
 
 test("the secret is checked before the body is parsed", async () => {
-	const malformed = { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" };
+	const malformed = {
+		method: "POST",
+		headers: { "content-type": "application/json" },
+		body: "{not json",
+	};
 	const withoutSecret = await fetch(`${base}/v2/orders`, malformed);
 	assert.equal(withoutSecret.status, 401);
 	// With the secret, the same request reaches the parser, which refuses it.
-	const withSecret = await fetch(`${base}/v2/orders`, { ...malformed, headers: { ...malformed.headers, "x-shared-secret": SECRET } });
+	const withSecret = await fetch(`${base}/v2/orders`, {
+		...malformed,
+		headers: { ...malformed.headers, "x-shared-secret": SECRET },
+	});
 	assert.equal(withSecret.status, 400);
 });
 
@@ -103,7 +124,9 @@ test("its own public path is public, and the template's /health is not", async (
 
 test("services and route hooks never see the secret in req.headers, rawHeaders or headersDistinct", async () => {
 	// Sent as "X-Shared-Secret": rawHeaders keeps the case the caller used.
-	const response = await fetch(`${base}/v2/meta`, { headers: { "X-Shared-Secret": SECRET, "x-trace": "kept" } });
+	const response = await fetch(`${base}/v2/meta`, {
+		headers: { "X-Shared-Secret": SECRET, "x-trace": "kept" },
+	});
 	assert.equal(response.status, 200);
 	const meta = await response.json();
 	assert.equal(meta.headers["x-trace"], "kept", "the route did copy the headers");
@@ -113,44 +136,74 @@ test("services and route hooks never see the secret in req.headers, rawHeaders o
 });
 
 test("with the secret, the gateway's x-consumer reaches services as ctx.meta.consumer, and no header copy of it", async () => {
-	const response = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET, "x-consumer": "acme-corp" } });
+	const response = await fetch(`${base}/v2/meta`, {
+		headers: { "x-shared-secret": SECRET, "x-consumer": "acme-corp" },
+	});
 	const meta = await response.json();
 	assert.equal(meta.consumer, "acme-corp");
 	assert.equal("user" in meta, false, "ctx.meta.user is left to the app's own auth");
-	assert.equal("x-consumer" in meta.headers, false, "the header itself is wiped, so only the door's word reaches services");
-	assert.equal(JSON.stringify(meta).split("acme-corp").length, 2, "only ctx.meta.consumer holds it");
+	assert.equal(
+		"x-consumer" in meta.headers,
+		false,
+		"the header itself is wiped, so only the door's word reaches services",
+	);
+	assert.equal(
+		JSON.stringify(meta).split("acme-corp").length,
+		2,
+		"only ctx.meta.consumer holds it",
+	);
 	// With the secret and no consumer header: let through, no consumer.
-	const anonymous = await (await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET } })).json();
+	const anonymous =
+		await (await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": SECRET } })).json();
 	assert.equal("consumer" in anonymous, false);
 });
 
 test("without the secret, a forged x-consumer never reaches a service, not even on a public path", async () => {
-	const publicMeta = await (await fetch(`${base}/v2/public-meta`, { headers: { "x-consumer": "mallory" } })).json();
+	const publicMeta =
+		await (await fetch(`${base}/v2/public-meta`, { headers: { "x-consumer": "mallory" } }))
+			.json();
 	assert.equal("consumer" in publicMeta, false);
 	assert.equal("x-consumer" in publicMeta.headers, false);
 	assert.ok(!JSON.stringify(publicMeta).includes("mallory"));
-	const refused = await fetch(`${base}/v2/meta`, { headers: { "x-shared-secret": "wrong", "x-consumer": "mallory" } });
+	const refused = await fetch(`${base}/v2/meta`, {
+		headers: { "x-shared-secret": "wrong", "x-consumer": "mallory" },
+	});
 	assert.equal(refused.status, 401);
 });
 
 test("calls and events inside the broker carry no headers and are not affected", async () => {
 	assert.deepEqual(await broker.call("orders.list"), [{ id: 1 }]);
 	await broker.emit("order.created", { id: 2 });
-	await new Promise(resolve => setImmediate(resolve));
+	await new Promise((resolve) => setImmediate(resolve));
 	assert.deepEqual(eventsSeen, [{ id: 2 }]);
 });
 
 /** Another broker with the middleware and one gateway route, for the tests below. */
-async function startGateway(brokerOptions: BrokerOptions, gatewaySettings: Record<string, unknown>, actions: ServiceSchema["actions"]) {
-	const other = new ServiceBroker({ logger: false, ...brokerOptions, middlewares: [SharedSecretMiddleware] });
+async function startGateway(
+	brokerOptions: BrokerOptions,
+	gatewaySettings: Record<string, unknown>,
+	actions: ServiceSchema["actions"],
+) {
+	const other = new ServiceBroker({
+		logger: false,
+		...brokerOptions,
+		middlewares: [SharedSecretMiddleware],
+	});
 	other.createService({ name: "jobs", actions });
 	const gateway = other.createService({
 		name: "edge",
 		mixins: [ApiGateway],
-		settings: { port: 0, ip: "127.0.0.1", routes: [{ path: "/", aliases: { "GET /run": "jobs.run" } }], ...gatewaySettings }
+		settings: {
+			port: 0,
+			ip: "127.0.0.1",
+			routes: [{ path: "/", aliases: { "GET /run": "jobs.run" } }],
+			...gatewaySettings,
+		},
 	});
 	await other.start();
-	const { port } = (gateway as unknown as { server: Server }).server.address() as { port: number };
+	const { port } = (gateway as unknown as { server: Server }).server.address() as {
+		port: number;
+	};
 	return { broker: other, url: `http://127.0.0.1:${port}/run` };
 }
 
@@ -163,8 +216,8 @@ test("under a broker retryPolicy, the right secret gets the service's own error 
 			run() {
 				attempts++;
 				throw new Errors.MoleculerRetryableError("busy, try again", 503, "BUSY");
-			}
-		}
+			},
+		},
 	);
 	try {
 		const response = await fetch(url, { headers: { "x-shared-secret": SECRET } });
@@ -187,21 +240,28 @@ test("a gateway-wide onError sees each refusal, and what it changes stays with t
 	const { broker: other, url } = await startGateway(
 		{},
 		{
-			onError(_req: unknown, res: import("node:http").ServerResponse, error: Error & { code: number }) {
+			onError(
+				_req: unknown,
+				res: import("node:http").ServerResponse,
+				error: Error & { code: number },
+			) {
 				const first = error.message;
 				// A careless onError that changes the error it was handed.
 				error.message = `changed: ${error.message}`;
 				res.writeHead(error.code, { "Content-Type": "text/plain" });
 				res.end(`custom ${first}`);
-			}
+			},
 		},
-		{ run: () => "ran" }
+		{ run: () => "ran" },
 	);
 	try {
 		for (let i = 0; i < 2; i++) {
 			const response = await fetch(url, { headers: { "x-shared-secret": "wrong" } });
 			assert.equal(response.status, 401);
-			assert.equal(response.headers.get("www-authenticate"), 'SharedSecret header="x-shared-secret"');
+			assert.equal(
+				response.headers.get("www-authenticate"),
+				'SharedSecret header="x-shared-secret"',
+			);
 			assert.equal(await response.text(), "custom Invalid secret");
 		}
 	} finally {
@@ -210,8 +270,14 @@ test("a gateway-wide onError sees each refusal, and what it changes stays with t
 });
 
 test("the door's metrics are registered only when the broker's metrics are on", async () => {
-	const names = ["shared_secret.accepted.total", "shared_secret.refused.total", "shared_secret.last_seen.seconds"];
-	const withMetrics = await startGateway({ metrics: { enabled: true } }, {}, { run: () => "ran" });
+	const names = [
+		"shared_secret.accepted.total",
+		"shared_secret.refused.total",
+		"shared_secret.last_seen.seconds",
+	];
+	const withMetrics = await startGateway({ metrics: { enabled: true } }, {}, {
+		run: () => "ran",
+	});
 	try {
 		for (const name of names) assert.ok(withMetrics.broker.metrics.getMetric(name), name);
 	} finally {
@@ -232,25 +298,39 @@ test("with a shared rootCallOptions.meta, no request sees another's consumer, ev
 		{},
 		{
 			rootCallOptions: { meta: sharedMeta },
-			routes: [{ path: "/", aliases: { "GET /run": "jobs.run", "POST /run": "jobs.run", "GET /v2/status": "jobs.run" } }]
+			routes: [{
+				path: "/",
+				aliases: {
+					"GET /run": "jobs.run",
+					"POST /run": "jobs.run",
+					"GET /v2/status": "jobs.run",
+				},
+			}],
 		},
 		{
 			// Answers with the consumer it sees, after a pause that lets requests overlap.
 			async run(ctx: Context<{ waitMs?: string }, { consumer?: string }>) {
-				await new Promise(resolve => setTimeout(resolve, Number(ctx.params.waitMs ?? 0)));
+				await new Promise((resolve) => setTimeout(resolve, Number(ctx.params.waitMs ?? 0)));
 				return { consumer: ctx.meta.consumer ?? null };
-			}
-		}
+			},
+		},
 	);
 	const call = async (path: string, headers: Record<string, string>, method = "GET") =>
 		(await (await fetch(`${new URL(url).origin}${path}`, { method, headers })).json()).consumer;
 	try {
-		assert.equal(await call("/run", { "x-shared-secret": SECRET, "x-consumer": "alice" }), "alice");
-		assert.equal(await call("/run", { "x-shared-secret": SECRET }), null, "a request without a consumer");
+		assert.equal(
+			await call("/run", { "x-shared-secret": SECRET, "x-consumer": "alice" }),
+			"alice",
+		);
+		assert.equal(
+			await call("/run", { "x-shared-secret": SECRET }),
+			null,
+			"a request without a consumer",
+		);
 		assert.equal(await call("/v2/status", {}), null, "a public path");
 		const [alice, bob] = await Promise.all([
 			call("/run?waitMs=150", { "x-shared-secret": SECRET, "x-consumer": "alice" }, "POST"),
-			call("/run?waitMs=0", { "x-shared-secret": SECRET, "x-consumer": "bob" }, "POST")
+			call("/run?waitMs=0", { "x-shared-secret": SECRET, "x-consumer": "bob" }, "POST"),
 		]);
 		assert.deepEqual([alice, bob], ["alice", "bob"]);
 		assert.deepEqual(sharedMeta, {}, "the door never wrote into the shared object");

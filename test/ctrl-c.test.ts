@@ -20,8 +20,14 @@ function ctrlC(scriptShell: string): Promise<{ code: number | null; output: stri
 	const child = spawn(command, args, {
 		cwd: projectRoot,
 		detached: true,
-		env: { ...process.env, npm_config_script_shell: scriptShell, SHARED_SECRET: SECRET, PORT: "0", LOGLEVEL: "info" },
-		stdio: ["ignore", "pipe", "pipe"]
+		env: {
+			...process.env,
+			npm_config_script_shell: scriptShell,
+			SHARED_SECRET: SECRET,
+			PORT: "0",
+			LOGLEVEL: "info",
+		},
+		stdio: ["ignore", "pipe", "pipe"],
 	});
 	let [output, pressed] = ["", false];
 	const collect = (chunk: Buffer) => {
@@ -33,16 +39,23 @@ function ctrlC(scriptShell: string): Promise<{ code: number | null; output: stri
 	};
 	child.stdout!.on("data", collect);
 	child.stderr!.on("data", collect);
-	return new Promise(resolve => child.once("close", code => resolve({ code, output })));
+	return new Promise((resolve) => child.once("close", (code) => resolve({ code, output })));
 }
 
-test(`Ctrl+C on npm start stops cleanly, ${RUNS} times of ${RUNS}`, { skip: !underNode && "npm start is Node's", timeout: 120_000 }, async () => {
+test(`Ctrl+C on npm start stops cleanly, ${RUNS} times of ${RUNS}`, {
+	skip: !underNode && "npm start is Node's",
+	timeout: 120_000,
+}, async () => {
 	for (let run = 1; run <= RUNS; run++) {
 		// npm runs the script through sh or, as many set it, bash, which execs tsx:
 		// each passes the signal on differently.
 		const { code, output } = await ctrlC(run % 2 ? "/bin/sh" : "/bin/bash");
 		// The broker's last line: the stop ran to its end. (npm itself ends by the
 		// signal it was sent, so its exit code says nothing about the origin's.)
-		assert.match(output, /ServiceBroker is stopped\. Good bye\./, `run ${run} (npm: ${code}):\n${output}`);
+		assert.match(
+			output,
+			/ServiceBroker is stopped\. Good bye\./,
+			`run ${run} (npm: ${code}):\n${output}`,
+		);
 	}
 });

@@ -12,7 +12,10 @@ import { OLD_SECRET, SECRET, startOrigin } from "./origin.ts";
 
 // A folder with a .env, as `npm run setup` leaves one: its secret is OLD_SECRET.
 const folder = mkdtempSync(join(tmpdir(), "dotenv-"));
-writeFileSync(join(folder, ".env"), `SHARED_SECRET=${OLD_SECRET}\nPUBLIC_PATHS=GET /api/whoami\nLOGLEVEL=warn\n`);
+writeFileSync(
+	join(folder, ".env"),
+	`SHARED_SECRET=${OLD_SECRET}\nPUBLIC_PATHS=GET /api/whoami\nLOGLEVEL=warn\n`,
+);
 
 const status = async (url: string, secret?: string) =>
 	(await fetch(url, { headers: secret ? { "x-shared-secret": secret } : {} })).status;
@@ -31,11 +34,18 @@ test(".env is read when SHARED_SECRET is not in the environment", async () => {
 
 test("a variable in the environment wins over .env", async () => {
 	// LOGLEVEL=info from the environment, over .env's warn: the ready line shows.
-	const origin = await startOrigin({ SHARED_SECRET: SECRET, PUBLIC_PATHS: "", LOGLEVEL: "info" }, { cwd: folder });
+	const origin = await startOrigin(
+		{ SHARED_SECRET: SECRET, PUBLIC_PATHS: "", LOGLEVEL: "info" },
+		{ cwd: folder },
+	);
 	try {
 		assert.equal(await status(`${origin.url}/api/protected`, SECRET), 200);
 		assert.equal(await status(`${origin.url}/api/protected`, OLD_SECRET), 401);
-		assert.equal(await status(`${origin.url}/api/whoami`), 401, "PUBLIC_PATHS= from the environment, over .env's");
+		assert.equal(
+			await status(`${origin.url}/api/whoami`),
+			401,
+			"PUBLIC_PATHS= from the environment, over .env's",
+		);
 	} finally {
 		await origin.stop();
 	}

@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { getWithSecretBytes, SECRET, startOrigin, type Origin } from "./origin.ts";
+import { getWithSecretBytes, type Origin, SECRET, startOrigin } from "./origin.ts";
 
 const COUNT = 10_000;
 const PARALLEL = 16;
@@ -30,19 +30,29 @@ const integer = (below: number) => Math.floor(random() * below);
 const secretBytes = Buffer.from(SECRET);
 
 // CR and LF would end the header line and test the framing, not the value.
-const noLineBreaks = (bytes: Buffer) => Buffer.from(bytes.map(byte => (byte === 0x0d || byte === 0x0a ? 0x2e : byte)));
+const noLineBreaks = (bytes: Buffer) =>
+	Buffer.from(bytes.map((byte) => (byte === 0x0d || byte === 0x0a ? 0x2e : byte)));
 
 const kinds = {
-	"random visible ASCII": () => Buffer.from(Array.from({ length: 1 + integer(300) }, () => 0x21 + integer(0x5e))),
+	"random visible ASCII": () =>
+		Buffer.from(Array.from({ length: 1 + integer(300) }, () => 0x21 + integer(0x5e))),
 	"random bytes, ASCII and >= 0x80": () =>
-		Buffer.from(Array.from({ length: 1 + integer(300) }, () => (random() < 0.5 ? 0x20 + integer(0x5f) : 0x80 + integer(0x80)))),
+		Buffer.from(
+			Array.from(
+				{ length: 1 + integer(300) },
+				() => (random() < 0.5 ? 0x20 + integer(0x5f) : 0x80 + integer(0x80)),
+			),
+		),
 	"the secret with one bit flipped": () => {
 		const flipped = Buffer.from(secretBytes);
 		flipped[integer(flipped.length)] ^= 1 << integer(8);
 		return flipped;
 	},
 	"a prefix of the secret, then junk": () =>
-		Buffer.concat([secretBytes.subarray(0, integer(secretBytes.length)), Buffer.from(Array.from({ length: 1 + integer(40) }, () => integer(256)))])
+		Buffer.concat([
+			secretBytes.subarray(0, integer(secretBytes.length)),
+			Buffer.from(Array.from({ length: 1 + integer(40) }, () => integer(256))),
+		]),
 };
 const names = Object.keys(kinds) as (keyof typeof kinds)[];
 const cases = Array.from({ length: COUNT }, (_, index) => {
@@ -56,27 +66,39 @@ before(async () => {
 });
 after(() => origin.stop());
 
-test(`${COUNT} fuzzed secrets (seed ${SEED}): only 401 or a parser's 400, never granted, never 5xx`, { timeout: 60_000 }, async () => {
-	const statuses: Record<number, number> = {};
-	let next = 0;
-	const worker = async () => {
-		while (next < cases.length) {
-			const { kind, value } = cases[next++];
-			const { status, body } = await getWithSecretBytes(origin.port, "/api/protected", value);
-			statuses[status] = (statuses[status] ?? 0) + 1;
-			if (status !== 401 && status !== 400) {
-				assert.fail(`${kind} ${value.toString("hex")} (seed ${SEED}) got ${status}: ${body}`);
+test(
+	`${COUNT} fuzzed secrets (seed ${SEED}): only 401 or a parser's 400, never granted, never 5xx`,
+	{ timeout: 60_000 },
+	async () => {
+		const statuses: Record<number, number> = {};
+		let next = 0;
+		const worker = async () => {
+			while (next < cases.length) {
+				const { kind, value } = cases[next++];
+				const { status, body } = await getWithSecretBytes(
+					origin.port,
+					"/api/protected",
+					value,
+				);
+				statuses[status] = (statuses[status] ?? 0) + 1;
+				if (status !== 401 && status !== 400) {
+					assert.fail(
+						`${kind} ${value.toString("hex")} (seed ${SEED}) got ${status}: ${body}`,
+					);
+				}
 			}
-		}
-	};
-	await Promise.all(Array.from({ length: PARALLEL }, worker));
-	assert.equal((statuses[401] ?? 0) + (statuses[400] ?? 0), COUNT, JSON.stringify(statuses));
-	// Most values are plain bytes a parser accepts: the door, not the parser, answered them.
-	assert.ok((statuses[401] ?? 0) > COUNT / 2, JSON.stringify(statuses));
-});
+		};
+		await Promise.all(Array.from({ length: PARALLEL }, worker));
+		assert.equal((statuses[401] ?? 0) + (statuses[400] ?? 0), COUNT, JSON.stringify(statuses));
+		// Most values are plain bytes a parser accepts: the door, not the parser, answered them.
+		assert.ok((statuses[401] ?? 0) > COUNT / 2, JSON.stringify(statuses));
+	},
+);
 
 test("afterwards the real secret still gets in", async () => {
-	const response = await fetch(`${origin.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
+	const response = await fetch(`${origin.url}/api/protected`, {
+		headers: { "x-shared-secret": SECRET },
+	});
 	assert.equal(response.status, 200);
 	assert.deepEqual(await response.json(), { message: "Access granted" });
 });

@@ -5,8 +5,8 @@
  * ORIGIN_COMMAND chooses how the origin runs, so the same tests cover every
  * runtime and the bundle (.ci/run sets it). Unset, it is this Node with tsx.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { connect, createServer, type AddressInfo } from "node:net";
+import { type ChildProcess, spawn } from "node:child_process";
+import { type AddressInfo, connect, createServer } from "node:net";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -31,13 +31,22 @@ export function originCommand(): string[] {
 // What Deno's --allow-sys must grant: moleculer reads the host name and the
 // network interfaces; with metrics on, it also reads the OS's release, memory,
 // uptime and load (the README's runtime table says the same).
-const DENO_SYS_WITH_METRICS = "hostname,networkInterfaces,osRelease,systemMemoryInfo,osUptime,loadavg";
+const DENO_SYS_WITH_METRICS =
+	"hostname,networkInterfaces,osRelease,systemMemoryInfo,osUptime,loadavg";
 
 /** How the runtime running the tests runs one of the project's .ts files, from any folder. */
 export function typeScriptCommand(file: string): string[] {
 	const path = join(projectRoot, file);
 	if ("Deno" in globalThis) {
-		return [process.execPath, "run", "--allow-net", "--allow-env", `--allow-read=${projectRoot},.`, `--allow-sys=${DENO_SYS_WITH_METRICS}`, path];
+		return [
+			process.execPath,
+			"run",
+			"--allow-net",
+			"--allow-env",
+			`--allow-read=${projectRoot},.`,
+			`--allow-sys=${DENO_SYS_WITH_METRICS}`,
+			path,
+		];
 	}
 	// Bun would read .env itself: the tests check that index.ts does.
 	if ("Bun" in globalThis) return [process.execPath, "--no-env-file", path];
@@ -66,22 +75,34 @@ export type Exit = { code: number | null; output: string };
 function spawnOrigin(
 	env: Record<string, string | undefined>,
 	commandLine = originCommand(),
-	cwd = process.env.ORIGIN_CWD ?? emptyFolder
+	cwd = process.env.ORIGIN_CWD ?? emptyFolder,
 ): { child: ChildProcess; output(): string } {
 	const [command, ...args] = commandLine;
 	// The tests' environment is passed on except the origin's own variables,
 	// which each test sets (or leaves unset) on purpose.
 	const inherited = { ...process.env };
-	for (const name of [
-		"SHARED_SECRET", "PUBLIC_PATHS", "PORT", "LOGLEVEL", "TRANSPORTER", "SERVICES", "NODE_ID", "NATS_TOKEN",
-		"SHARED_SECRET_REPORT_SECONDS", "SHARED_SECRET_QUIET_SECONDS", "METRICS_PORT", "METRICS_HOST"
-	]) {
+	for (
+		const name of [
+			"SHARED_SECRET",
+			"PUBLIC_PATHS",
+			"PORT",
+			"LOGLEVEL",
+			"TRANSPORTER",
+			"SERVICES",
+			"NODE_ID",
+			"NATS_TOKEN",
+			"SHARED_SECRET_REPORT_SECONDS",
+			"SHARED_SECRET_QUIET_SECONDS",
+			"METRICS_PORT",
+			"METRICS_HOST",
+		]
+	) {
 		delete inherited[name];
 	}
 	const child = spawn(command, args, {
 		cwd,
 		env: { ...inherited, PORT: "0", LOGLEVEL: "info", ...env },
-		stdio: ["ignore", "pipe", "pipe"]
+		stdio: ["ignore", "pipe", "pipe"],
 	});
 	let output = "";
 	child.stdout!.setEncoding("utf8").on("data", (chunk: string) => (output += chunk));
@@ -97,10 +118,22 @@ function spawnOrigin(
  */
 export function startOrigin(
 	env: Record<string, string | undefined> = {},
-	{ command = originCommand(), cwd = undefined as string | undefined, timeoutMs = 30_000, pollPort = 0, readyLine = /Origin ready at (http:\/\/\S+)/ } = {}
+	{
+		command = originCommand(),
+		cwd = undefined as string | undefined,
+		timeoutMs = 30_000,
+		pollPort = 0,
+		readyLine = /Origin ready at (http:\/\/\S+)/,
+	} = {},
 ): Promise<Origin> {
-	const { child, output } = spawnOrigin({ SHARED_SECRET: SECRET, ...env, ...(pollPort && { PORT: String(pollPort) }) }, command, cwd);
-	const exited = new Promise<number | null>(resolve => child.once("exit", code => resolve(code)));
+	const { child, output } = spawnOrigin(
+		{ SHARED_SECRET: SECRET, ...env, ...(pollPort && { PORT: String(pollPort) }) },
+		command,
+		cwd,
+	);
+	const exited = new Promise<number | null>((resolve) =>
+		child.once("exit", (code) => resolve(code))
+	);
 	let settled = false;
 
 	return new Promise((resolve, reject) => {
@@ -120,21 +153,28 @@ export function startOrigin(
 				port: Number(new URL(url).port),
 				child,
 				output,
-				async stop(signal = "SIGTERM") {
+				stop(signal = "SIGTERM") {
 					if (child.exitCode === null && child.signalCode === null) child.kill(signal);
 					return exited;
-				}
+				},
 			});
 		};
-		const timer = setTimeout(() => fail(new Error(`origin not ready in ${timeoutMs} ms:\n${output()}`)), timeoutMs);
-		child.once("exit", code => fail(new Error(`origin exited with ${code} before it was ready:\n${output()}`)));
+		const timer = setTimeout(
+			() => fail(new Error(`origin not ready in ${timeoutMs} ms:\n${output()}`)),
+			timeoutMs,
+		);
+		child.once(
+			"exit",
+			(code) =>
+				fail(new Error(`origin exited with ${code} before it was ready:\n${output()}`)),
+		);
 
 		if (pollPort) {
 			const url = `http://127.0.0.1:${pollPort}`;
 			const poll = () =>
 				fetch(`${url}/health`).then(
 					() => ready(url),
-					() => !settled && setTimeout(poll, 50)
+					() => !settled && setTimeout(poll, 50),
 				);
 			poll();
 		} else {
@@ -149,11 +189,15 @@ export function startOrigin(
 }
 
 /** Resolves once `condition()` holds, polling; rejects with `what` after `timeoutMs`. */
-export async function waitFor(condition: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+export async function waitFor(
+	condition: () => boolean,
+	what: string,
+	timeoutMs = 10_000,
+): Promise<void> {
 	const deadline = Date.now() + timeoutMs;
 	while (!condition()) {
 		if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-		await new Promise(resolve => setTimeout(resolve, 20));
+		await new Promise((resolve) => setTimeout(resolve, 20));
 	}
 }
 
@@ -169,14 +213,17 @@ export function freePort(): Promise<number> {
 }
 
 /** Runs the origin expecting it to refuse to start; resolves with its exit. */
-export function runOriginToExit(env: Record<string, string | undefined>, timeoutMs = 30_000): Promise<Exit> {
+export function runOriginToExit(
+	env: Record<string, string | undefined>,
+	timeoutMs = 30_000,
+): Promise<Exit> {
 	const { child, output } = spawnOrigin(env);
 	return new Promise((resolve, reject) => {
 		const timer = setTimeout(() => {
 			child.kill("SIGKILL");
 			reject(new Error(`origin still running after ${timeoutMs} ms:\n${output()}`));
 		}, timeoutMs);
-		child.once("exit", code => {
+		child.once("exit", (code) => {
 			clearTimeout(timer);
 			resolve({ code, output: output() });
 		});
@@ -190,12 +237,16 @@ export type RawResponse = { status: number; headers: Record<string, string>; bod
  * fetch refuses to send many of the values an attacker would, so this is how
  * the tests send them.
  */
-export function rawRequest(port: number, head: Buffer | string, body: Buffer | string = ""): Promise<RawResponse> {
+export function rawRequest(
+	port: number,
+	head: Buffer | string,
+	body: Buffer | string = "",
+): Promise<RawResponse> {
 	return new Promise((resolve, reject) => {
 		const socket = connect(port, "127.0.0.1");
 		const chunks: Buffer[] = [];
 		socket.setTimeout(10_000, () => socket.destroy(new Error("raw request timed out")));
-		socket.on("data", chunk => chunks.push(chunk));
+		socket.on("data", (chunk) => chunks.push(chunk));
 		socket.on("error", reject);
 		socket.on("close", () => {
 			const text = Buffer.concat(chunks).toString("latin1");
@@ -210,7 +261,9 @@ export function rawRequest(port: number, head: Buffer | string, body: Buffer | s
 			if (headers["transfer-encoding"] === "chunked") responseBody = unchunk(responseBody);
 			resolve({ status: Number(statusLine.split(" ")[1]), headers, body: responseBody });
 		});
-		const bytes = (part: Buffer | string) => (typeof part === "string" ? Buffer.from(part, "latin1") : part);
+		const bytes = (
+			part: Buffer | string,
+		) => (typeof part === "string" ? Buffer.from(part, "latin1") : part);
 		socket.end(Buffer.concat([bytes(head), bytes(body)]));
 	});
 }
@@ -228,13 +281,17 @@ function unchunk(text: string): string {
 }
 
 /** A GET with one x-shared-secret header whose value is exactly these bytes. */
-export function getWithSecretBytes(port: number, path: string, value: Buffer): Promise<RawResponse> {
+export function getWithSecretBytes(
+	port: number,
+	path: string,
+	value: Buffer,
+): Promise<RawResponse> {
 	return rawRequest(
 		port,
 		Buffer.concat([
 			Buffer.from(`GET ${path} HTTP/1.1\r\nHost: origin\r\nx-shared-secret: `, "latin1"),
 			value,
-			Buffer.from("\r\nConnection: close\r\n\r\n", "latin1")
-		])
+			Buffer.from("\r\nConnection: close\r\n\r\n", "latin1"),
+		]),
 	);
 }

@@ -13,7 +13,9 @@ const FAST_REPORT = { SHARED_SECRET_REPORT_SECONDS: "1", SHARED_SECRET_QUIET_SEC
 async function send(url: string, secret: string | undefined, times: number): Promise<number[]> {
 	const statuses: number[] = [];
 	for (let i = 0; i < times; i++) {
-		const headers: Record<string, string> = secret === undefined ? {} : { "x-shared-secret": secret };
+		const headers: Record<string, string> = secret === undefined
+			? {}
+			: { "x-shared-secret": secret };
 		const response = await fetch(`${url}/api/protected`, { headers });
 		await response.arrayBuffer();
 		statuses.push(response.status);
@@ -23,7 +25,9 @@ async function send(url: string, secret: string | undefined, times: number): Pro
 
 /** One sample from the Prometheus text format, or undefined. */
 function sample(text: string, name: string, label: string): number | undefined {
-	const line = text.split("\n").find(line => line.startsWith(`${name}{`) && line.includes(label));
+	const line = text.split("\n").find((line) =>
+		line.startsWith(`${name}{`) && line.includes(label)
+	);
 	return line === undefined ? undefined : Number(line.split(" ").at(-1));
 }
 
@@ -31,12 +35,17 @@ function sample(text: string, name: string, label: string): number | undefined {
  * Scrapes until `name{label}` reads `value` (the door copies its counts into
  * the registry when its report runs), and returns the last scrape.
  */
-async function scrapeUntil(port: number, name: string, label: string, value: number): Promise<string> {
+async function scrapeUntil(
+	port: number,
+	name: string,
+	label: string,
+	value: number,
+): Promise<string> {
 	let text = "";
 	for (let attempt = 0; attempt < 50; attempt++) {
 		text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
 		if (sample(text, name, label) === value) break;
-		await new Promise(resolve => setTimeout(resolve, 100));
+		await new Promise((resolve) => setTimeout(resolve, 100));
 	}
 	return text;
 }
@@ -44,15 +53,31 @@ async function scrapeUntil(port: number, name: string, label: string, value: num
 test("rotation: entry 2 is reported while it arrives, then as removable; then it is refused", async () => {
 	const metricsPort = await freePort();
 	// 1. The origin holds new,old; the gateway still sends old.
-	const both = await startOrigin({ SHARED_SECRET: `${SECRET},${OLD_SECRET}`, METRICS_PORT: String(metricsPort), ...FAST_REPORT });
+	const both = await startOrigin({
+		SHARED_SECRET: `${SECRET},${OLD_SECRET}`,
+		METRICS_PORT: String(metricsPort),
+		...FAST_REPORT,
+	});
 	try {
 		assert.match(both.output(), /SHARED_SECRET has 2 entries\. Entry 1 is the current one/);
 		assert.deepEqual(await send(both.url, OLD_SECRET, 5), [200, 200, 200, 200, 200]);
 		// A report period may end between two of the five: add the lines up.
-		const inUse = () => [...both.output().matchAll(/SHARED_SECRET entry 2 of 2 is still in use: (\d+) requests in the last 1 s, the last at \S+Z\. Keep it\./g)];
-		await waitFor(() => inUse().reduce((sum, line) => sum + Number(line[1]), 0) === 5, "in-use lines adding up to 5");
+		const inUse = () => [
+			...both.output().matchAll(
+				/SHARED_SECRET entry 2 of 2 is still in use: (\d+) requests in the last 1 s, the last at \S+Z\. Keep it\./g,
+			),
+		];
+		await waitFor(
+			() => inUse().reduce((sum, line) => sum + Number(line[1]), 0) === 5,
+			"in-use lines adding up to 5",
+		);
 
-		let scraped = await scrapeUntil(metricsPort, "shared_secret_accepted_total", 'entry="2"', 5);
+		let scraped = await scrapeUntil(
+			metricsPort,
+			"shared_secret_accepted_total",
+			'entry="2"',
+			5,
+		);
 		assert.equal(sample(scraped, "shared_secret_accepted_total", 'entry="2"'), 5, scraped);
 		assert.equal(sample(scraped, "shared_secret_accepted_total", 'entry="1"'), 0);
 		const lastSeen = sample(scraped, "shared_secret_last_seen_seconds", 'entry="2"')!;
@@ -62,7 +87,14 @@ test("rotation: entry 2 is reported while it arrives, then as removable; then it
 		// quiet time the origin says it can be removed.
 		await send(both.url, SECRET, 3);
 		const before = inUse().length;
-		await waitFor(() => /no request has used SHARED_SECRET entry 2 of 2 for 2 s; it can be removed\./.test(both.output()), "the quiet line", 10_000);
+		await waitFor(
+			() =>
+				/no request has used SHARED_SECRET entry 2 of 2 for 2 s; it can be removed\./.test(
+					both.output(),
+				),
+			"the quiet line",
+			10_000,
+		);
 		assert.equal(inUse().length, before, "no in-use line once old stopped arriving");
 		scraped = await scrapeUntil(metricsPort, "shared_secret_accepted_total", 'entry="1"', 3);
 		assert.equal(sample(scraped, "shared_secret_accepted_total", 'entry="1"'), 3, scraped);
@@ -89,12 +121,32 @@ test("refusals are counted by reason, as a periodic line and as metrics, never o
 		await send(origin.url, undefined, 3);
 		await send(origin.url, "x".repeat(64), 2);
 		// As above, a period may end among the five.
-		const refusalLines = () => [...origin.output().matchAll(/refused (\d+) requests in the last 1 s: (\d+) without a secret, (\d+) with an invalid one\./g)];
-		const totals = () => refusalLines().reduce(([all, missing, invalid], line) => [all + Number(line[1]), missing + Number(line[2]), invalid + Number(line[3])], [0, 0, 0]);
+		const refusalLines = () => [
+			...origin.output().matchAll(
+				/refused (\d+) requests in the last 1 s: (\d+) without a secret, (\d+) with an invalid one\./g,
+			),
+		];
+		const totals = () =>
+			refusalLines().reduce(
+				(
+					[all, missing, invalid],
+					line,
+				) => [all + Number(line[1]), missing + Number(line[2]), invalid + Number(line[3])],
+				[0, 0, 0],
+			);
 		await waitFor(() => totals()[0] === 5, "refusal lines adding up to 5");
 		assert.deepEqual(totals(), [5, 3, 2]);
-		const scraped = await scrapeUntil(metricsPort, "shared_secret_refused_total", 'reason="invalid"', 2);
-		assert.equal(sample(scraped, "shared_secret_refused_total", 'reason="missing"'), 3, scraped);
+		const scraped = await scrapeUntil(
+			metricsPort,
+			"shared_secret_refused_total",
+			'reason="invalid"',
+			2,
+		);
+		assert.equal(
+			sample(scraped, "shared_secret_refused_total", 'reason="missing"'),
+			3,
+			scraped,
+		);
 		assert.equal(sample(scraped, "shared_secret_refused_total", 'reason="invalid"'), 2);
 		// A count per period, not a line per refusal.
 		assert.ok(refusalLines().length <= 2, origin.output());
@@ -118,7 +170,12 @@ test("with metrics off, nothing is registered and nothing listens", async () => 
 
 test("no secret reaches a log line or a metric, at trace level, with every report firing", async () => {
 	const metricsPort = await freePort();
-	const origin = await startOrigin({ SHARED_SECRET: `${SECRET},${OLD_SECRET}`, LOGLEVEL: "trace", METRICS_PORT: String(metricsPort), ...FAST_REPORT });
+	const origin = await startOrigin({
+		SHARED_SECRET: `${SECRET},${OLD_SECRET}`,
+		LOGLEVEL: "trace",
+		METRICS_PORT: String(metricsPort),
+		...FAST_REPORT,
+	});
 	try {
 		await send(origin.url, OLD_SECRET, 2);
 		await send(origin.url, SECRET, 2);

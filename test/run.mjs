@@ -9,8 +9,8 @@
 import { spawnSync } from "node:child_process";
 
 const [command, ...args] = process.versions.bun
-	? // Bun's default of 5 s per test and hook is too short for a whole origin's start and stop.
-		[process.execPath, "test", "--timeout", "120000", "test/"]
+	// Bun's default of 5 s per test and hook is too short for a whole origin's start and stop.
+	? [process.execPath, "test", "--timeout", "120000", "test/"]
 	: [process.execPath, "--import", "tsx", "--test", "test/*.test.ts"];
 const { status } = spawnSync(command, args, { stdio: "inherit" });
 process.exit(status ?? 1);

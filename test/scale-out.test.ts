@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { ServiceBroker } from "moleculer";
-import { freePort, SECRET, startOrigin, waitFor, type Origin } from "./origin.ts";
+import { freePort, type Origin, SECRET, startOrigin, waitFor } from "./origin.ts";
 
 let gatewayNode: Origin;
 let apiNode: Origin;
@@ -19,8 +19,14 @@ before(async () => {
 	const TRANSPORTER = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/api-1`;
 	// LOGLEVEL=debug: the service node logs every request it receives.
 	apiNode = await startOrigin(
-		{ SERVICES: "api", NODE_ID: "api-1", TRANSPORTER, LOGLEVEL: "debug", SHARED_SECRET: undefined },
-		{ readyLine: /Node ready: api on api-1/ }
+		{
+			SERVICES: "api",
+			NODE_ID: "api-1",
+			TRANSPORTER,
+			LOGLEVEL: "debug",
+			SHARED_SECRET: undefined,
+		},
+		{ readyLine: /Node ready: api on api-1/ },
 	);
 	gatewayNode = await startOrigin({ SERVICES: "gateway", NODE_ID: "gateway-1", TRANSPORTER });
 });
@@ -31,65 +37,90 @@ after(async () => {
 });
 
 const callsReceivedByApiNode = () =>
-	apiNode.output().match(/<= Request 'api\.protectedAction' .*received from 'gateway-1' node/g)?.length ?? 0;
+	apiNode.output().match(/<= Request 'api\.protectedAction' .*received from 'gateway-1' node/g)
+		?.length ?? 0;
 
-test("the right secret reaches api.protectedAction on the other node; a wrong one never causes a call", { timeout: 30_000 }, async () => {
-	const protectedUrl = `${gatewayNode.url}/api/protected`;
-	for (let i = 0; i < 5; i++) {
-		const wrong = await fetch(protectedUrl, { headers: { "x-shared-secret": `${SECRET.slice(0, -1)}x` } });
-		assert.equal(wrong.status, 401);
-		const missing = await fetch(protectedUrl);
-		assert.equal(missing.status, 401);
-	}
-	assert.equal(callsReceivedByApiNode(), 0, "a refused request reached the service node");
+test(
+	"the right secret reaches api.protectedAction on the other node; a wrong one never causes a call",
+	{ timeout: 30_000 },
+	async () => {
+		const protectedUrl = `${gatewayNode.url}/api/protected`;
+		for (let i = 0; i < 5; i++) {
+			const wrong = await fetch(protectedUrl, {
+				headers: { "x-shared-secret": `${SECRET.slice(0, -1)}x` },
+			});
+			assert.equal(wrong.status, 401);
+			const missing = await fetch(protectedUrl);
+			assert.equal(missing.status, 401);
+		}
+		assert.equal(callsReceivedByApiNode(), 0, "a refused request reached the service node");
 
-	for (let i = 0; i < 3; i++) {
-		const right = await fetch(protectedUrl, { headers: { "x-shared-secret": SECRET } });
-		assert.equal(right.status, 200);
-		assert.deepEqual(await right.json(), { message: "Access granted" });
-	}
-	// The service node's log lines arrive through a pipe, a moment after the answers.
-	await waitFor(() => callsReceivedByApiNode() >= 3, "the service node to log 3 requests");
-	assert.equal(callsReceivedByApiNode(), 3);
-	assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
-});
+		for (let i = 0; i < 3; i++) {
+			const right = await fetch(protectedUrl, { headers: { "x-shared-secret": SECRET } });
+			assert.equal(right.status, 200);
+			assert.deepEqual(await right.json(), { message: "Access granted" });
+		}
+		// The service node's log lines arrive through a pipe, a moment after the answers.
+		await waitFor(() => callsReceivedByApiNode() >= 3, "the service node to log 3 requests");
+		assert.equal(callsReceivedByApiNode(), 3);
+		assert.ok(!apiNode.output().includes(SECRET), "the secret reached the service node");
+	},
+);
 
-test("a node that joins the cluster cannot change or list the gateway's routes", { timeout: 30_000 }, async () => {
+test("a node that joins the cluster cannot change or list the gateway's routes", {
+	timeout: 30_000,
+}, async () => {
 	// Not in the gateway's list: it joins by naming the gateway in its own.
 	const urls = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/intruder`;
-	const intruder = new ServiceBroker({ nodeID: "intruder", logger: false, transporter: { type: "TCP", options: { urls, udpDiscovery: false } } });
+	const intruder = new ServiceBroker({
+		nodeID: "intruder",
+		logger: false,
+		transporter: { type: "TCP", options: { urls, udpDiscovery: false } },
+	});
 	await intruder.start();
 	try {
 		await intruder.waitForServices("gateway", 10_000);
 		const attempts: [string, object][] = [
 			["gateway.removeRoute", { path: "/" }],
 			["gateway.addRoute", { route: { path: "/open", mappingPolicy: "all" } }],
-			["gateway.listAliases", {}]
+			["gateway.listAliases", {}],
 		];
 		for (const [action, params] of attempts) {
-			await assert.rejects(intruder.call(action, params), { name: "ServiceNotFoundError" }, action);
+			await assert.rejects(
+				intruder.call(action, params),
+				{ name: "ServiceNotFoundError" },
+				action,
+			);
 		}
 		// The routes are as they were: /health answers, and nothing new is open.
 		assert.equal((await fetch(`${gatewayNode.url}/health`)).status, 200);
-		const opened = await fetch(`${gatewayNode.url}/open/api/protectedAction`, { headers: { "x-shared-secret": SECRET } });
+		const opened = await fetch(`${gatewayNode.url}/open/api/protectedAction`, {
+			headers: { "x-shared-secret": SECRET },
+		});
 		assert.equal(opened.status, 404);
 	} finally {
 		await intruder.stop();
 	}
 });
 
-test("the gateway node does not hold `api`: without the service node it answers 503 with Retry-After", { timeout: 30_000 }, async () => {
-	await apiNode.stop();
-	const response = await fetch(`${gatewayNode.url}/api/protected`, { headers: { "x-shared-secret": SECRET } });
-	// A load balancer reads 503 as "try another origin"; a 404 would say the route is gone.
-	assert.equal(response.status, 503);
-	assert.equal(response.headers.get("retry-after"), "1");
-	assert.deepEqual(await response.json(), {
-		name: "MoleculerServerError",
-		message: "No api node is available; try again shortly.",
-		code: 503,
-		type: "SERVICE_UNAVAILABLE"
-	});
-	// The door still answers first.
-	assert.equal((await fetch(`${gatewayNode.url}/api/protected`)).status, 401);
-});
+test(
+	"the gateway node does not hold `api`: without the service node it answers 503 with Retry-After",
+	{ timeout: 30_000 },
+	async () => {
+		await apiNode.stop();
+		const response = await fetch(`${gatewayNode.url}/api/protected`, {
+			headers: { "x-shared-secret": SECRET },
+		});
+		// A load balancer reads 503 as "try another origin"; a 404 would say the route is gone.
+		assert.equal(response.status, 503);
+		assert.equal(response.headers.get("retry-after"), "1");
+		assert.deepEqual(await response.json(), {
+			name: "MoleculerServerError",
+			message: "No api node is available; try again shortly.",
+			code: 503,
+			type: "SERVICE_UNAVAILABLE",
+		});
+		// The door still answers first.
+		assert.equal((await fetch(`${gatewayNode.url}/api/protected`)).status, 401);
+	},
+);

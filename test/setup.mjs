@@ -18,6 +18,8 @@ if (existsSync(".env")) {
 	const secret = randomBytes(32).toString("hex");
 	const example = readFileSync(".env.example", "utf8");
 	// Readable by its owner only: it holds the secret.
-	writeFileSync(".env", example.replace(/^SHARED_SECRET=.*$/m, `SHARED_SECRET=${secret}`), { mode: 0o600 });
+	writeFileSync(".env", example.replace(/^SHARED_SECRET=.*$/m, `SHARED_SECRET=${secret}`), {
+		mode: 0o600,
+	});
 	console.log("Wrote .env with a fresh SHARED_SECRET.");
 }

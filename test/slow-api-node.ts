@@ -4,7 +4,7 @@
  * TRANSPORTER and NODE_ID like index.ts. The delay lives here, in the test, not
  * in the template's service.
  */
-import { ServiceBroker, type ActionSchema, type LogLevels } from "moleculer";
+import { type ActionSchema, type LogLevels, ServiceBroker } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiService } from "../service.ts";
 
@@ -12,7 +12,7 @@ const broker = new ServiceBroker({
 	nodeID: process.env.NODE_ID,
 	// At "debug", Moleculer logs each request this node receives.
 	logLevel: (process.env.LOGLEVEL ?? "info") as LogLevels,
-	transporter: { type: "TCP", options: { urls: process.env.TRANSPORTER, udpDiscovery: false } }
+	transporter: { type: "TCP", options: { urls: process.env.TRANSPORTER, udpDiscovery: false } },
 });
 
 broker.createService({
@@ -26,10 +26,10 @@ broker.createService({
 			async handler() {
 				await sleep(Number(process.env.SLOW_MS ?? 1500));
 				return { message: "Access granted" };
-			}
+			},
 			// moleculer's types leave out the `timeout` that its timeout middleware reads.
-		} as ActionSchema
-	}
+		} as ActionSchema,
+	},
 });
 
 await broker.start();

@@ -23,34 +23,49 @@ import { freePort, projectRoot, SECRET } from "../origin.ts";
 
 const here = join(projectRoot, "test/adopters");
 const scratch = mkdtempSync(join(tmpdir(), "adopters-"));
-const STANDALONE_BODY = '{"name":"UnAuthorizedError","message":"No secret provided","code":401,"type":"NO_TOKEN"}';
+const STANDALONE_BODY =
+	'{"name":"UnAuthorizedError","message":"No secret provided","code":401,"type":"NO_TOKEN"}';
 const CHALLENGE = 'SharedSecret header="x-shared-secret"';
 
 /** A Node major from the registry, as .ci/run gets each runtime: the binary itself. */
 function nodeBinary(major: number): string {
 	const script = 'readlink -f "$(command -v node)"';
-	return execFileSync("npx", ["-y", "-p", `node@${major}`, "--", "sh", "-c", script], { encoding: "utf8" }).trim();
+	return execFileSync("npx", ["-y", "-p", `node@${major}`, "--", "sh", "-c", script], {
+		encoding: "utf8",
+	}).trim();
 }
 
 before(() => {
 	// The projects' dependencies, as an adopter has them today.
-	writeFileSync(join(scratch, "package.json"), JSON.stringify({
-		private: true,
-		dependencies: {
-			moleculer: "0.14.36",
-			"moleculer-web": "0.10.8",
-			express: "^4.21.0",
-			express5: "npm:express@^5.1.0",
-			typescript: "~5.9.0",
-			"@types/node": "^22.0.0"
-		}
-	}));
-	execFileSync("npm", ["install", "--no-audit", "--no-fund", "--loglevel=error"], { cwd: scratch, stdio: "inherit" });
+	writeFileSync(
+		join(scratch, "package.json"),
+		JSON.stringify({
+			private: true,
+			dependencies: {
+				moleculer: "0.14.36",
+				"moleculer-web": "0.10.8",
+				express: "^4.21.0",
+				express5: "npm:express@^5.1.0",
+				typescript: "~5.9.0",
+				"@types/node": "^22.0.0",
+			},
+		}),
+	);
+	execFileSync("npm", ["install", "--no-audit", "--no-fund", "--loglevel=error"], {
+		cwd: scratch,
+		stdio: "inherit",
+	});
 	// What a JavaScript project copies: the CommonJS door.
-	execFileSync("npm", ["run", "--silent", "build:middleware"], { cwd: projectRoot, stdio: "inherit" });
+	execFileSync("npm", ["run", "--silent", "build:middleware"], {
+		cwd: projectRoot,
+		stdio: "inherit",
+	});
 	for (const project of ["runner", "express"]) {
 		cpSync(join(here, project), join(scratch, project), { recursive: true });
-		cpSync(join(projectRoot, "dist/middleware.cjs"), join(scratch, project, "shared-secret.cjs"));
+		cpSync(
+			join(projectRoot, "dist/middleware.cjs"),
+			join(scratch, project, "shared-secret.cjs"),
+		);
 	}
 });
 
@@ -59,12 +74,22 @@ after(() => rmSync(scratch, { recursive: true, force: true }));
 type Running = { url: string; stop(): Promise<void>; output(): string };
 
 /** Starts a command that serves HTTP on `port`, and resolves once the port answers. */
-async function serve(command: string[], cwd: string, env: Record<string, string>, port: number, readyPath: string): Promise<Running> {
-	const child = spawn(command[0], command.slice(1), { cwd, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+async function serve(
+	command: string[],
+	cwd: string,
+	env: Record<string, string>,
+	port: number,
+	readyPath: string,
+): Promise<Running> {
+	const child = spawn(command[0], command.slice(1), {
+		cwd,
+		env: { ...process.env, ...env },
+		stdio: ["ignore", "pipe", "pipe"],
+	});
 	let output = "";
-	child.stdout!.on("data", chunk => (output += chunk));
-	child.stderr!.on("data", chunk => (output += chunk));
-	const exited = new Promise<void>(resolve => child.once("exit", () => resolve()));
+	child.stdout!.on("data", (chunk) => (output += chunk));
+	child.stderr!.on("data", (chunk) => (output += chunk));
+	const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
 	const url = `http://127.0.0.1:${port}`;
 	const deadline = Date.now() + 20_000;
 	for (;;) {
@@ -72,20 +97,31 @@ async function serve(command: string[], cwd: string, env: Record<string, string>
 		if (Date.now() > deadline) throw new Error(`not serving after 20 s:\n${output}`);
 		const answered = await fetch(`${url}${readyPath}`).then(() => true, () => false);
 		if (answered) break;
-		await new Promise(resolve => setTimeout(resolve, 100));
+		await new Promise((resolve) => setTimeout(resolve, 100));
 	}
-	return { url, output: () => output, stop: async () => void (child.kill("SIGKILL"), await exited) };
+	return {
+		url,
+		output: () => output,
+		stop: async () => void (child.kill("SIGKILL"), await exited),
+	};
 }
 
 async function request(url: string, headers: Record<string, string> = {}, method = "GET") {
 	const response = await fetch(url, { method, headers });
-	return { status: response.status, challenge: response.headers.get("www-authenticate"), body: await response.text() };
+	return {
+		status: response.status,
+		challenge: response.headers.get("www-authenticate"),
+		body: await response.text(),
+	};
 }
 
 /** Announces a 50 MB body and keeps sending: resolves with whether the server closed before it was all sent. */
-function refusedBodyCloses(url: string, path: string): Promise<{ answer: string; closedEarly: boolean }> {
+function refusedBodyCloses(
+	url: string,
+	path: string,
+): Promise<{ answer: string; closedEarly: boolean }> {
 	const { port } = new URL(url);
-	return new Promise(resolve => {
+	return new Promise((resolve) => {
 		const socket = connect(Number(port), "127.0.0.1");
 		socket.on("error", () => {});
 		let [answer, sent, closed] = ["", 0, false];
@@ -95,13 +131,18 @@ function refusedBodyCloses(url: string, path: string): Promise<{ answer: string;
 			resolve({ answer, closedEarly: sent < 25_000_000 });
 		});
 		socket.once("connect", async () => {
-			socket.write(`POST ${path} HTTP/1.1\r\nHost: origin\r\nContent-Length: 50000000\r\n\r\n`);
+			socket.write(
+				`POST ${path} HTTP/1.1\r\nHost: origin\r\nContent-Length: 50000000\r\n\r\n`,
+			);
 			const chunk = Buffer.alloc(64 * 1024, "a");
 			while (!closed && sent < 50_000_000) {
 				if (socket.write(chunk)) sent += chunk.length;
-				else await new Promise(next => setTimeout(next, 20));
+				else await new Promise((next) => setTimeout(next, 20));
 			}
-			setTimeout(() => closed || (socket.destroy(), resolve({ answer, closedEarly: false })), 3000);
+			setTimeout(
+				() => closed || (socket.destroy(), resolve({ answer, closedEarly: false })),
+				3000,
+			);
 		});
 	});
 }
@@ -110,31 +151,61 @@ describe("a JavaScript project under moleculer-runner, given dist/middleware.cjs
 	const runner = join(scratch, "runner");
 	async function startRunner(node: string, env: Record<string, string>) {
 		const port = await freePort();
-		const command = [node, join(scratch, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "moleculer.config.js", "services"];
-		return serve(command, runner, { SHARED_SECRET: SECRET, PUBLIC_PATHS: "", PORT: String(port), ...env }, port, "/api/greeter/hello");
+		const command = [
+			node,
+			join(scratch, "node_modules/moleculer/bin/moleculer-runner.js"),
+			"--config",
+			"moleculer.config.js",
+			"services",
+		];
+		return serve(
+			command,
+			runner,
+			{ SHARED_SECRET: SECRET, PUBLIC_PATHS: "", PORT: String(port), ...env },
+			port,
+			"/api/greeter/hello",
+		);
 	}
 
 	for (const major of [18, 20]) {
 		for (const metrics of ["off", "on"]) {
-			test(`Node ${major}, metrics ${metrics}: 200 with the secret, 401 without, internal calls untouched`, { timeout: 120_000 }, async () => {
-				const app = await startRunner(nodeBinary(major), { METRICS: metrics });
-				try {
-					const granted = await request(`${app.url}/api/greeter/hello`, { "x-shared-secret": SECRET });
-					assert.deepEqual([granted.status, granted.body], [200, '"Hello Moleculer"']);
-					const refused = await request(`${app.url}/api/greeter/hello`);
-					assert.deepEqual([refused.status, refused.challenge, refused.body], [401, CHALLENGE, STANDALONE_BODY]);
-					// orders.create calls greeter.hello inside the broker.
-					const order = await request(`${app.url}/authn/orders`, { "x-shared-secret": SECRET, authorization: "Bearer app-token" }, "POST");
-					assert.equal(order.status, 200, order.body);
-					assert.equal(JSON.parse(order.body).greeting, "Hello Moleculer");
-				} finally {
-					await app.stop();
-				}
-			});
+			test(
+				`Node ${major}, metrics ${metrics}: 200 with the secret, 401 without, internal calls untouched`,
+				{ timeout: 120_000 },
+				async () => {
+					const app = await startRunner(nodeBinary(major), { METRICS: metrics });
+					try {
+						const granted = await request(`${app.url}/api/greeter/hello`, {
+							"x-shared-secret": SECRET,
+						});
+						assert.deepEqual([granted.status, granted.body], [
+							200,
+							'"Hello Moleculer"',
+						]);
+						const refused = await request(`${app.url}/api/greeter/hello`);
+						assert.deepEqual([refused.status, refused.challenge, refused.body], [
+							401,
+							CHALLENGE,
+							STANDALONE_BODY,
+						]);
+						// orders.create calls greeter.hello inside the broker.
+						const order = await request(`${app.url}/authn/orders`, {
+							"x-shared-secret": SECRET,
+							authorization: "Bearer app-token",
+						}, "POST");
+						assert.equal(order.status, 200, order.body);
+						assert.equal(JSON.parse(order.body).greeting, "Hello Moleculer");
+					} finally {
+						await app.stop();
+					}
+				},
+			);
 		}
 	}
 
-	test("the app's own authenticate and authorize decide as they do without the door", { timeout: 120_000 }, async () => {
+	test("the app's own authenticate and authorize decide as they do without the door", {
+		timeout: 120_000,
+	}, async () => {
 		const node = nodeBinary(20);
 		// Every request comes through the gateway: it carries the secret and a consumer.
 		const fromGateway = { "x-shared-secret": SECRET, "x-consumer": "acme-corp" };
@@ -143,29 +214,46 @@ describe("a JavaScript project under moleculer-runner, given dist/middleware.cjs
 			["/authn/orders", { authorization: "Bearer wrong" }],
 			["/authn/orders", { authorization: "Bearer app-token" }],
 			["/authz/orders", {}],
-			["/authz/orders", { authorization: "Bearer app-token" }]
+			["/authz/orders", { authorization: "Bearer app-token" }],
 		];
-		const answers: Record<string, { status: number; user?: unknown; consumer?: unknown; body: string }[]> = {};
+		const answers: Record<
+			string,
+			{ status: number; user?: unknown; consumer?: unknown; body: string }[]
+		> = {};
 		for (const door of ["off", "on"]) {
 			const app = await startRunner(node, { DOOR: door });
 			try {
 				answers[door] = [];
 				for (const [path, headers] of cases) {
-					const { status, body } = await request(`${app.url}${path}`, { ...fromGateway, ...headers }, "POST");
+					const { status, body } = await request(`${app.url}${path}`, {
+						...fromGateway,
+						...headers,
+					}, "POST");
 					const parsed = status === 200 ? JSON.parse(body) : {};
-					answers[door].push({ status, user: parsed.user, consumer: parsed.consumer, body: status === 200 ? "" : body });
+					answers[door].push({
+						status,
+						user: parsed.user,
+						consumer: parsed.consumer,
+						body: status === 200 ? "" : body,
+					});
 				}
 			} finally {
 				await app.stop();
 			}
 		}
-		const decisions = (door: string) => answers[door].map(({ status, user, body }) => ({ status, user, body }));
+		const decisions = (door: string) =>
+			answers[door].map(({ status, user, body }) => ({ status, user, body }));
 		assert.deepEqual(decisions("on"), decisions("off"));
 		// The authorization-only route refuses a request with no user of the app's own,
 		// consumer or not: the door never sets ctx.meta.user.
-		assert.deepEqual(answers.on.slice(3).map(answer => answer.status), [401, 401]);
+		assert.deepEqual(answers.on.slice(3).map((answer) => answer.status), [401, 401]);
 		// With the app's own authenticate, its user and the gateway's consumer both arrive.
-		assert.deepEqual(answers.on[2], { status: 200, user: { id: "app-user" }, consumer: "acme-corp", body: "" });
+		assert.deepEqual(answers.on[2], {
+			status: 200,
+			user: { id: "app-user" },
+			consumer: "acme-corp",
+			body: "",
+		});
 		assert.equal(answers.off[2].consumer, null);
 	});
 });
@@ -173,27 +261,48 @@ describe("a JavaScript project under moleculer-runner, given dist/middleware.cjs
 describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)", () => {
 	for (const express of ["express", "express5"]) {
 		const name = express === "express" ? "Express 4" : "Express 5";
-		test(`${name}: the door answers its own 401, PUBLIC_PATHS are mount-relative, a refused body is not read`, { timeout: 120_000 }, async () => {
-			const started = await startExpress(express, {});
-			try {
-				const refused = await request(`${started.url}/api/greeter/hello`);
-				assert.deepEqual([refused.status, refused.challenge, refused.body], [401, CHALLENGE, STANDALONE_BODY]);
-				const granted = await request(`${started.url}/api/greeter/hello`, { "x-shared-secret": SECRET });
-				assert.deepEqual([granted.status, granted.body], [200, '"Hello Moleculer"']);
-				assert.equal((await request(`${started.url}/api/status`)).status, 200, "GET /status is public, under /api");
-				const { answer, closedEarly } = await refusedBodyCloses(started.url, "/api/greeter/hello");
-				assert.match(answer, /^HTTP\/1\.1 401 /);
-				assert.ok(closedEarly, "the refused body was read");
-			} finally {
-				await started.stop();
-			}
-		});
+		test(
+			`${name}: the door answers its own 401, PUBLIC_PATHS are mount-relative, a refused body is not read`,
+			{ timeout: 120_000 },
+			async () => {
+				const started = await startExpress(express, {});
+				try {
+					const refused = await request(`${started.url}/api/greeter/hello`);
+					assert.deepEqual([refused.status, refused.challenge, refused.body], [
+						401,
+						CHALLENGE,
+						STANDALONE_BODY,
+					]);
+					const granted = await request(`${started.url}/api/greeter/hello`, {
+						"x-shared-secret": SECRET,
+					});
+					assert.deepEqual([granted.status, granted.body], [200, '"Hello Moleculer"']);
+					assert.equal(
+						(await request(`${started.url}/api/status`)).status,
+						200,
+						"GET /status is public, under /api",
+					);
+					const { answer, closedEarly } = await refusedBodyCloses(
+						started.url,
+						"/api/greeter/hello",
+					);
+					assert.match(answer, /^HTTP\/1\.1 401 /);
+					assert.ok(closedEarly, "the refused body was read");
+				} finally {
+					await started.stop();
+				}
+			},
+		);
 
 		test(`${name}: a gateway onError still gets the refusal`, { timeout: 60_000 }, async () => {
 			const started = await startExpress(express, { ON_ERROR: "on" });
 			try {
 				const refused = await request(`${started.url}/api/greeter/hello`);
-				assert.deepEqual([refused.status, refused.challenge, refused.body], [401, CHALLENGE, "custom No secret provided"]);
+				assert.deepEqual([refused.status, refused.challenge, refused.body], [
+					401,
+					CHALLENGE,
+					"custom No secret provided",
+				]);
 			} finally {
 				await started.stop();
 			}
@@ -205,11 +314,17 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 async function startExpress(express: string, env: Record<string, string>): Promise<Running> {
 	const child = spawn(nodeBinary(20), ["app.js"], {
 		cwd: join(scratch, "express"),
-		env: { ...process.env, EXPRESS: express, SHARED_SECRET: SECRET, PUBLIC_PATHS: "GET /status", ...env },
-		stdio: ["ignore", "pipe", "pipe"]
+		env: {
+			...process.env,
+			EXPRESS: express,
+			SHARED_SECRET: SECRET,
+			PUBLIC_PATHS: "GET /status",
+			...env,
+		},
+		stdio: ["ignore", "pipe", "pipe"],
 	});
 	let output = "";
-	const exited = new Promise<void>(resolve => child.once("exit", () => resolve()));
+	const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
 	const url = await new Promise<string>((resolve, reject) => {
 		const onData = (chunk: Buffer) => {
 			output += chunk;
@@ -220,7 +335,11 @@ async function startExpress(express: string, env: Record<string, string>): Promi
 		child.stderr!.on("data", onData);
 		child.once("exit", () => reject(new Error(`exited before it served:\n${output}`)));
 	});
-	return { url, output: () => output, stop: async () => void (child.kill("SIGKILL"), await exited) };
+	return {
+		url,
+		output: () => output,
+		stop: async () => void (child.kill("SIGKILL"), await exited),
+	};
 }
 
 describe("middleware.ts typechecks unchanged under tsc --strict", () => {
@@ -229,22 +348,25 @@ describe("middleware.ts typechecks unchanged under tsc --strict", () => {
 		'import ApiGateway from "moleculer-web";',
 		'import { SharedSecretMiddleware } from "./middleware";',
 		"const broker = new ServiceBroker({ middlewares: [SharedSecretMiddleware] });",
-		'broker.createService({ name: "api", mixins: [ApiGateway] });'
+		'broker.createService({ name: "api", mixins: [ApiGateway] });',
 	].join("\n");
 	// A folder whose modules resolve to each pair: the scratch install (0.14 + 0.10), or
 	// this project's own (0.15 + 0.11), reached from inside its node_modules.
 	const folders = {
 		"moleculer 0.14 + moleculer-web 0.10": () => join(scratch, "typescript"),
-		"moleculer 0.15 + moleculer-web 0.11": () => join(projectRoot, "node_modules/.adopters-typescript")
+		"moleculer 0.15 + moleculer-web 0.11": () =>
+			join(projectRoot, "node_modules/.adopters-typescript"),
 	};
 	const compilers = {
 		"TypeScript 5.9": () => join(scratch, "node_modules/typescript/bin/tsc"),
-		"the repo's TypeScript": () => join(projectRoot, "node_modules/typescript/bin/tsc")
+		"the repo's TypeScript": () => join(projectRoot, "node_modules/typescript/bin/tsc"),
 	};
 	for (const [versions, folderOf] of Object.entries(folders)) {
 		for (const [compiler, tscOf] of Object.entries(compilers)) {
 			for (const resolution of ["node16", "bundler"]) {
-				test(`${versions}, ${compiler}, moduleResolution ${resolution}`, { timeout: 60_000 }, () => {
+				test(`${versions}, ${compiler}, moduleResolution ${resolution}`, {
+					timeout: 60_000,
+				}, () => {
 					const folder = folderOf();
 					mkdirSync(folder, { recursive: true });
 					cpSync(join(projectRoot, "middleware.ts"), join(folder, "middleware.ts"));
@@ -260,14 +382,26 @@ describe("middleware.ts typechecks unchanged under tsc --strict", () => {
 						target: "es2022",
 						module: resolution === "node16" ? "node16" : "esnext",
 						moduleResolution: resolution,
-						types: ["node"]
+						types: ["node"],
 					};
-					writeFileSync(join(folder, "tsconfig.json"), JSON.stringify({ compilerOptions, files: ["app.ts"] }));
-					const { status, stdout, stderr } = spawnSync(process.execPath, [tscOf(), "-p", "."], { cwd: folder, encoding: "utf8" });
+					writeFileSync(
+						join(folder, "tsconfig.json"),
+						JSON.stringify({ compilerOptions, files: ["app.ts"] }),
+					);
+					const { status, stdout, stderr } = spawnSync(process.execPath, [
+						tscOf(),
+						"-p",
+						".",
+					], { cwd: folder, encoding: "utf8" });
 					assert.equal(status, 0, `${stdout}${stderr}`);
 				});
 			}
 		}
 	}
-	after(() => rmSync(join(projectRoot, "node_modules/.adopters-typescript"), { recursive: true, force: true }));
+	after(() =>
+		rmSync(join(projectRoot, "node_modules/.adopters-typescript"), {
+			recursive: true,
+			force: true,
+		})
+	);
 });

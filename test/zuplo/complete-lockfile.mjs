@@ -22,9 +22,19 @@ for (const [path, entry] of Object.entries(lock.packages)) {
 		const platform = /(darwin|linux|win32)-(arm64|x64)(?:-(glibc|musl))?$/.exec(name);
 		if (!platform) throw new Error(`${name}: no platform in its name; add it by hand`);
 		const [, os, cpu, libc] = platform;
-		lock.packages[where] = { version, optional: true, os: [os], cpu: [cpu], ...(libc && { libc: [libc] }) };
+		lock.packages[where] = {
+			version,
+			optional: true,
+			os: [os],
+			cpu: [cpu],
+			...(libc && { libc: [libc] }),
+		};
 		added.push(`${name}@${version}`);
 	}
 }
 writeFileSync("package-lock.json", `${JSON.stringify(lock, null, 2)}\n`);
-console.log(added.length ? `Added to the lockfile: ${added.join(", ")}` : "The lockfile lists every optional platform build already.");
+console.log(
+	added.length
+		? `Added to the lockfile: ${added.join(", ")}`
+		: "The lockfile lists every optional platform build already.",
+);

@@ -12,13 +12,13 @@
  * (.ci/run does both). Not in `npm test`, which needs neither.
  */
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
-import { createServer, request, type IncomingHttpHeaders, type Server } from "node:http";
+import { createServer, type IncomingHttpHeaders, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { freePort, projectRoot, SECRET, startOrigin, waitFor, type Origin } from "../origin.ts";
+import { freePort, type Origin, projectRoot, SECRET, startOrigin, waitFor } from "../origin.ts";
 
 const zuploProject = join(projectRoot, "test/zuplo");
 const GOOD_KEY = "zpka_test_acme_0b9c4e";
@@ -41,14 +41,20 @@ function startKeyServiceStandIn(bucketName: string) {
 	const validations: { key: string; bucketName: string }[] = [];
 	const server = createServer((req, res) => {
 		let body = "";
-		req.on("data", chunk => (body += chunk));
+		req.on("data", (chunk) => (body += chunk));
 		req.on("end", () => {
 			if (req.method === "POST" && req.url === "/v3/key-auth/validate") {
 				const asked = JSON.parse(body) as { key: string; bucketName: string };
 				validations.push(asked);
 				const known = asked.key === GOOD_KEY && asked.bucketName === bucketName;
 				res.writeHead(200, { "content-type": "application/json" });
-				res.end(JSON.stringify(known ? { authorized: true, id: "consumer-1", name: CONSUMER, metadata: {} } : { authorized: false }));
+				res.end(
+					JSON.stringify(
+						known
+							? { authorized: true, id: "consumer-1", name: CONSUMER, metadata: {} }
+							: { authorized: false },
+					),
+				);
 			} else {
 				res.writeHead(204).end();
 			}
@@ -62,18 +68,26 @@ function startTap(originPort: number) {
 	const seen: IncomingHttpHeaders[] = [];
 	const server = createServer((req, res) => {
 		seen.push(req.headers);
-		const upstream = request({ host: "127.0.0.1", port: originPort, method: req.method, path: req.url, headers: req.headers }, answer => {
+		const upstream = request({
+			host: "127.0.0.1",
+			port: originPort,
+			method: req.method,
+			path: req.url,
+			headers: req.headers,
+		}, (answer) => {
 			res.writeHead(answer.statusCode!, answer.headers);
 			answer.pipe(res);
 		});
-		upstream.on("error", error => res.destroy(error));
+		upstream.on("error", (error) => res.destroy(error));
 		req.pipe(upstream);
 	});
 	return { server, seen };
 }
 
 const listen = (server: Server) =>
-	new Promise<number>(resolve => server.listen(0, "127.0.0.1", () => resolve((server.address() as AddressInfo).port)));
+	new Promise<number>((resolve) =>
+		server.listen(0, "127.0.0.1", () => resolve((server.address() as AddressInfo).port))
+	);
 
 /**
  * Starts `zuplo dev` with this .env (the only place its worker reads variables
@@ -81,32 +95,47 @@ const listen = (server: Server) =>
  * line. Started with Node itself, in its own process group, so stopping it
  * stops workerd too.
  */
-async function startZuplo(env: Record<string, string | undefined>): Promise<{ url: string; stop(): Promise<void> }> {
-	const lines = Object.entries(env).flatMap(([name, value]) => (value === undefined ? [] : [`${name}=${value}`]));
+async function startZuplo(
+	env: Record<string, string | undefined>,
+): Promise<{ url: string; stop(): Promise<void> }> {
+	const lines = Object.entries(env).flatMap((
+		[name, value],
+	) => (value === undefined ? [] : [`${name}=${value}`]));
 	writeFileSync(join(zuploProject, ".env"), `${lines.join("\n")}\n`);
 	const port = await freePort();
 	const child: ChildProcess = spawn(
 		process.execPath,
-		["node_modules/zuplo/zuplo.js", "dev", "--port", String(port), "--no-start-editor", "--no-start-docs"],
+		[
+			"node_modules/zuplo/zuplo.js",
+			"dev",
+			"--port",
+			String(port),
+			"--no-start-editor",
+			"--no-start-docs",
+		],
 		{
 			cwd: zuploProject,
 			detached: true,
 			stdio: ["ignore", "pipe", "pipe"],
 			// No analytics and no update check: nothing leaves this machine.
-			env: { ...process.env, ZUPLO_DO_NOT_TRACK: "1", ZUPLO_DISABLE_UPDATE_CHECK: "1" }
-		}
+			env: { ...process.env, ZUPLO_DO_NOT_TRACK: "1", ZUPLO_DISABLE_UPDATE_CHECK: "1" },
+		},
 	);
 	let output = "";
-	child.stdout!.on("data", chunk => (output += chunk));
-	child.stderr!.on("data", chunk => (output += chunk));
+	child.stdout!.on("data", (chunk) => (output += chunk));
+	child.stderr!.on("data", (chunk) => (output += chunk));
 	const url = `http://127.0.0.1:${port}`;
-	await waitFor(() => output.includes(`localhost:${port}`) || child.exitCode !== null, "zuplo dev to start", 90_000);
+	await waitFor(
+		() => output.includes(`localhost:${port}`) || child.exitCode !== null,
+		"zuplo dev to start",
+		90_000,
+	);
 	assert.equal(child.exitCode, null, `zuplo dev exited:\n${output}`);
 	// Listening once an unknown path gets Zuplo's own answer.
 	let answered = false;
 	for (let attempt = 0; attempt < 100 && !answered; attempt++) {
 		answered = await fetch(`${url}/not-a-route`).then(() => true, () => false);
-		if (!answered) await new Promise(resolve => setTimeout(resolve, 200));
+		if (!answered) await new Promise((resolve) => setTimeout(resolve, 200));
 	}
 	assert.ok(answered, `zuplo dev does not answer:\n${output}`);
 	return {
@@ -123,7 +152,7 @@ async function startZuplo(env: Record<string, string | undefined>): Promise<{ ur
 				}
 			};
 			await waitFor(() => !groupAlive(), "zuplo dev to stop", 30_000);
-		}
+		},
 	};
 }
 
@@ -137,14 +166,17 @@ describe("Zuplo in front of the origin", () => {
 	before(async () => {
 		origin = await startOrigin({ SHARED_SECRET: SECRET });
 		tap = startTap(origin.port);
-		const [tapPort, keyServicePort] = await Promise.all([listen(tap.server), listen(keyService.server)]);
+		const [tapPort, keyServicePort] = await Promise.all([
+			listen(tap.server),
+			listen(keyService.server),
+		]);
 		zuploEnv = {
 			SHARED_SECRET: SECRET,
 			ORIGIN_URL: `http://127.0.0.1:${tapPort}`,
 			ZUPLO_API_KEY_SERVICE_BUCKET_NAME: BUCKET,
 			__ZUPLO_EDGE_API_URL: `http://127.0.0.1:${keyServicePort}`,
 			__ZUPLO_AUTH_API_JWT: "local-stand-in",
-			__ZUPLO_REMOTE_LOG_URL: `http://127.0.0.1:${keyServicePort}/metrics`
+			__ZUPLO_REMOTE_LOG_URL: `http://127.0.0.1:${keyServicePort}/metrics`,
 		};
 	});
 
@@ -163,37 +195,57 @@ describe("Zuplo in front of the origin", () => {
 		test("no API key, or a wrong one: the gateway's 401, and the origin sees nothing", async () => {
 			const before = tap.seen.length;
 			const noKey = await fetch(`${gateway.url}/api/protected`);
-			const wrongKey = await fetch(`${gateway.url}/api/protected`, { headers: { authorization: "Bearer zpka_not_a_key" } });
+			const wrongKey = await fetch(`${gateway.url}/api/protected`, {
+				headers: { authorization: "Bearer zpka_not_a_key" },
+			});
 			for (const response of [noKey, wrongKey]) {
 				assert.equal(response.status, 401);
-				assert.match(response.headers.get("content-type") ?? "", /problem\+json/, "Zuplo's own 401, not the origin's");
+				assert.match(
+					response.headers.get("content-type") ?? "",
+					/problem\+json/,
+					"Zuplo's own 401, not the origin's",
+				);
 				await response.arrayBuffer();
 			}
 			assert.equal(tap.seen.length, before);
 			assert.ok(
-				keyService.validations.some(asked => asked.key === "zpka_not_a_key" && asked.bucketName === BUCKET),
-				"the wrong key was checked with the key service"
+				keyService.validations.some((asked) =>
+					asked.key === "zpka_not_a_key" && asked.bucketName === BUCKET
+				),
+				"the wrong key was checked with the key service",
 			);
 		});
 
 		test("a good API key: the origin's 200, carrying the secret and the consumer, never the caller's API key", async () => {
-			const response = await fetch(`${gateway.url}/api/protected`, { headers: { authorization: `Bearer ${GOOD_KEY}` } });
+			const response = await fetch(`${gateway.url}/api/protected`, {
+				headers: { authorization: `Bearer ${GOOD_KEY}` },
+			});
 			assert.equal(response.status, 200);
 			assert.deepEqual(await response.json(), { message: "Access granted" });
 			const received = tap.seen.at(-1)!;
 			assert.equal(received["x-shared-secret"], SECRET);
 			assert.equal(received["x-consumer"], CONSUMER);
-			assert.equal(received.authorization, undefined, "the caller's API key reached the origin");
+			assert.equal(
+				received.authorization,
+				undefined,
+				"the caller's API key reached the origin",
+			);
 			assert.ok(!JSON.stringify(received).includes(GOOD_KEY));
 		});
 
 		test("the origin's services learn which consumer called", async () => {
-			const response = await fetch(`${gateway.url}/api/whoami`, { headers: { authorization: `Bearer ${GOOD_KEY}` } });
+			const response = await fetch(`${gateway.url}/api/whoami`, {
+				headers: { authorization: `Bearer ${GOOD_KEY}` },
+			});
 			assert.deepEqual(await response.json(), { consumer: CONSUMER });
 		});
 
 		test("a caller's own x-shared-secret and x-consumer never win", async () => {
-			const forged = { authorization: `Bearer ${GOOD_KEY}`, "x-shared-secret": "forged-by-the-caller-0123456789abcdef", "x-consumer": "mallory" };
+			const forged = {
+				authorization: `Bearer ${GOOD_KEY}`,
+				"x-shared-secret": "forged-by-the-caller-0123456789abcdef",
+				"x-consumer": "mallory",
+			};
 			const response = await fetch(`${gateway.url}/api/whoami`, { headers: forged });
 			assert.equal(response.status, 200);
 			assert.deepEqual(await response.json(), { consumer: CONSUMER });
@@ -203,26 +255,46 @@ describe("Zuplo in front of the origin", () => {
 		});
 	});
 
-	for (const [name, sharedSecret, expected] of [
-		["a wrong secret", "0123456789abcdef0123456789abcdef-not-the-origins", "0123456789abcdef0123456789abcdef-not-the-origins"],
-		// $env(SHARED_SECRET) of a variable that is not set is sent as "undefined".
-		["no SHARED_SECRET at all", undefined, "undefined"]
-	] as const) {
-		test(`a gateway holding ${name} gets the origin's 401 back`, { timeout: 120_000 }, async () => {
-			const gateway = await startZuplo({ ...zuploEnv, SHARED_SECRET: sharedSecret });
-			try {
-				const response = await fetch(`${gateway.url}/api/protected`, { headers: { authorization: `Bearer ${GOOD_KEY}` } });
-				assert.equal(response.status, 401);
-				assert.deepEqual(await response.json(), { name: "UnAuthorizedError", message: "Invalid secret", code: 401, type: "INVALID_TOKEN" });
-				assert.equal(tap.seen.at(-1)!["x-shared-secret"], expected);
-			} finally {
-				await gateway.stop();
-			}
-		});
+	for (
+		const [name, sharedSecret, expected] of [
+			[
+				"a wrong secret",
+				"0123456789abcdef0123456789abcdef-not-the-origins",
+				"0123456789abcdef0123456789abcdef-not-the-origins",
+			],
+			// $env(SHARED_SECRET) of a variable that is not set is sent as "undefined".
+			["no SHARED_SECRET at all", undefined, "undefined"],
+		] as const
+	) {
+		test(
+			`a gateway holding ${name} gets the origin's 401 back`,
+			{ timeout: 120_000 },
+			async () => {
+				const gateway = await startZuplo({ ...zuploEnv, SHARED_SECRET: sharedSecret });
+				try {
+					const response = await fetch(`${gateway.url}/api/protected`, {
+						headers: { authorization: `Bearer ${GOOD_KEY}` },
+					});
+					assert.equal(response.status, 401);
+					assert.deepEqual(await response.json(), {
+						name: "UnAuthorizedError",
+						message: "Invalid secret",
+						code: 401,
+						type: "INVALID_TOKEN",
+					});
+					assert.equal(tap.seen.at(-1)!["x-shared-secret"], expected);
+				} finally {
+					await gateway.stop();
+				}
+			},
+		);
 	}
 
 	test("the stand-in key service was really called (its contract still holds)", () => {
-		assert.ok(keyService.validations.length >= 4, `the API key policy called the stand-in ${keyService.validations.length} times`);
-		assert.ok(keyService.validations.every(asked => asked.bucketName === BUCKET));
+		assert.ok(
+			keyService.validations.length >= 4,
+			`the API key policy called the stand-in ${keyService.validations.length} times`,
+		);
+		assert.ok(keyService.validations.every((asked) => asked.bucketName === BUCKET));
 	});
 });

@@ -13,9 +13,15 @@ const gateway = broker.createService({
 	mixins: [ApiGateway],
 	settings: {
 		server: false,
-		routes: [{ path: "/", aliases: { "GET /greeter/hello": "greeter.hello", "GET /status": "greeter.hello" } }],
+		routes: [{
+			path: "/",
+			aliases: { "GET /greeter/hello": "greeter.hello", "GET /status": "greeter.hello" },
+		}],
 		onError: process.env.ON_ERROR === "on"
-			? (req, res, error) => res.writeHead(error.code, { "Content-Type": "text/plain" }).end(`custom ${error.message}`)
+			? (_req, res, error) =>
+				res.writeHead(error.code, { "Content-Type": "text/plain" }).end(
+					`custom ${error.message}`,
+				)
 			: undefined,
 	},
 });
@@ -23,5 +29,9 @@ const gateway = broker.createService({
 const app = express();
 app.use("/api", gateway.express());
 broker.start().then(() => {
-	const server = app.listen(0, "127.0.0.1", () => console.log(`Express ready at http://127.0.0.1:${server.address().port}`));
+	const server = app.listen(
+		0,
+		"127.0.0.1",
+		() => console.log(`Express ready at http://127.0.0.1:${server.address().port}`),
+	);
 });

@@ -23,7 +23,7 @@ module.exports = {
 		],
 	},
 	methods: {
-		authenticate(ctx, route, req) {
+		authenticate(_ctx, _route, req) {
 			const auth = req.headers.authorization;
 			if (auth === "Bearer app-token") return { id: "app-user" };
 			if (auth) throw new UnAuthorizedError(ERR_INVALID_TOKEN);

@@ -1,0 +1,265 @@
+/**
+ * npm run bench: what the door costs when it lets a request through, and when
+ * it turns one away.
+ *
+ * Metric: the server process's CPU time (user + system, all its threads) per
+ * request, over a fixed number of requests. Not throughput: on a small shared
+ * machine with the load generator on the same box, requests per second swing
+ * by tens of percent from run to run, while CPU per request holds within a few.
+ *
+ * Each server runs in its own process, pinned to its own core with taskset
+ * where there is one, away from this process and its load generator. The
+ * contenders are warmed up, then measured in interleaved rounds; each ratio is
+ * taken against the baseline of the same round, and the table shows medians.
+ */
+import { execFileSync } from "node:child_process";
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { readdirSync, readFileSync } from "node:fs";
+import { Agent, request } from "node:http";
+import { availableParallelism } from "node:os";
+import { createSecretMatcher } from "../middleware.ts";
+import { join } from "node:path";
+import { freePort, type Origin, projectRoot, SECRET, startOrigin } from "./origin.ts";
+
+// Many short rounds: neighbours on a shared machine change its speed from one
+// second to the next, and contenders measured close together see the same.
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 25);
+const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 2000);
+const WARMUP_REQUESTS = 6000;
+const CONNECTIONS = 16;
+const WRONG_SECRET = randomBytes(32).toString("hex");
+
+// --- Where things run -------------------------------------------------------
+
+// Native type stripping where this Node has it, as in production (the bundle
+// has no source maps either); tsx otherwise. tsx turns on source maps, which
+// make every captured stack trace dearer and would flatter the template.
+const loader = process.features.typescript ? [] : ["--import", import.meta.resolve("tsx")];
+
+function hasTaskset(): boolean {
+	try {
+		execFileSync("taskset", ["-p", String(process.pid)], { stdio: "ignore" });
+		return true;
+	} catch {
+		return false;
+	}
+}
+const pinned = hasTaskset() && availableParallelism() >= 2;
+if (pinned) execFileSync("taskset", ["-pc", "0", String(process.pid)], { stdio: "ignore" });
+const onServerCore = (command: string[]) => (pinned ? ["taskset", "-c", "1", ...command] : command);
+
+// --- Measuring ----------------------------------------------------------------
+
+/** CPU time of every thread of a process, in nanoseconds (Linux schedstat). */
+function cpuNanoseconds(pid: number): number {
+	let total = 0;
+	for (const task of readdirSync(`/proc/${pid}/task`)) {
+		total += Number(readFileSync(`/proc/${pid}/task/${task}/schedstat`, "utf8").split(" ")[0]);
+	}
+	return total;
+}
+
+// The load generator: CONNECTIONS keep-alive connections, each sending its
+// next request as soon as the last one is answered. node:http is enough: its
+// own cost lands on this process's core, not on the server's.
+const agents = new Map<string, Agent>();
+
+function get(url: string, secret: string): Promise<number> {
+	let agent = agents.get(url);
+	if (!agent) agents.set(url, agent = new Agent({ keepAlive: true, maxSockets: CONNECTIONS }));
+	return new Promise((resolve, reject) => {
+		request(
+			`${url}/api/protected`,
+			{ agent, headers: { "x-shared-secret": secret } },
+			(response) => {
+				response.resume().once("end", () => resolve(response.statusCode!));
+			},
+		)
+			.once("error", reject)
+			.end();
+	});
+}
+
+async function load(url: string, secret: string, amount: number): Promise<Record<number, number>> {
+	const counts: Record<number, number> = {};
+	let sent = 0;
+	const connection = async () => {
+		while (sent < amount) {
+			sent++;
+			const status = await get(url, secret);
+			counts[status] = (counts[status] ?? 0) + 1;
+		}
+	};
+	await Promise.all(Array.from({ length: CONNECTIONS }, connection));
+	return counts;
+}
+
+type Contender = {
+	name: string;
+	server: string;
+	secret: string;
+	expectedStatus: 200 | 401;
+	/** The contender whose cost this one is divided by, in the same round. */
+	versus: typeof BASELINE | typeof BASELINE_METRICS;
+	/** The most this contender may cost, as a median ratio. */
+	target?: number;
+};
+
+const BASELINE = "Baseline: no guard";
+const BASELINE_METRICS = "Baseline, metrics on";
+const contenders: Contender[] = [
+	{ name: BASELINE, server: "baseline", secret: SECRET, expectedStatus: 200, versus: BASELINE },
+	{
+		name: "This template, right secret",
+		server: "template",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+		target: 1.03,
+	},
+	// A refusal costs well under serving the request would: a flood sent
+	// around the gateway is cheaper for the origin than real traffic.
+	// What no code on Node can go under: node:http writing the same 401 bytes.
+	// With METRICS_PORT, Moleculer's own request metrics cost something on
+	// every action; the door's counting must add nothing to that.
+	{
+		name: BASELINE_METRICS,
+		server: "baselineMetrics",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+	},
+	{
+		name: "This template, metrics on, right secret",
+		server: "templateMetrics",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE_METRICS,
+		target: 1.03,
+	},
+];
+
+const metricsPorts = [await freePort(), await freePort()];
+const [indexTs, benchServer] = [
+	join(projectRoot, "index.ts"),
+	join(projectRoot, "test/bench-server.ts"),
+];
+const serverCommands: Record<string, { command: string[]; env: Record<string, string> }> = {
+	baseline: {
+		command: [process.execPath, ...loader, benchServer],
+		env: { CONTENDER: "baseline" },
+	},
+	template: { command: [process.execPath, ...loader, indexTs], env: {} },
+	floor: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "floor" } },
+	page: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "page" } },
+	baselineMetrics: {
+		command: [process.execPath, ...loader, benchServer],
+		env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) },
+	},
+	templateMetrics: {
+		command: [process.execPath, ...loader, indexTs],
+		env: { METRICS_PORT: String(metricsPorts[1]) },
+	},
+};
+
+// --- The micro-benchmark: one comparison alone --------------------------------
+
+function nanosecondsPerCall(
+	fn: (value: string) => unknown,
+	values: string[],
+	calls = 1_000_000,
+): number {
+	for (let i = 0; i < 100_000; i++) fn(values[i % values.length]);
+	const start = process.hrtime.bigint();
+	for (let i = 0; i < calls; i++) fn(values[i % values.length]);
+	return Number(process.hrtime.bigint() - start) / calls;
+}
+
+const whichSecret = createSecretMatcher([SECRET]);
+const expectedDigest = createHash("sha256").update(SECRET).digest();
+const hashed = (value: string) =>
+	timingSafeEqual(createHash("sha256").update(value).digest(), expectedDigest);
+const samples = [SECRET, WRONG_SECRET, "short", SECRET.slice(0, -1)];
+const compareNs = nanosecondsPerCall(whichSecret, samples);
+const hashNs = nanosecondsPerCall(hashed, samples);
+
+// --- The servers ----------------------------------------------------------------
+
+console.log(
+	`Node ${process.version}, ${
+		pinned ? "server pinned to core 1, load generator to core 0" : "no taskset: unpinned"
+	}, ` +
+		`${process.features.typescript ? "native type stripping" : "tsx"}; ` +
+		`${ROUNDS} rounds of ${REQUESTS} requests over ${CONNECTIONS} connections per contender.`,
+);
+
+const servers: Record<string, Origin> = {};
+try {
+	for (const [name, { command, env }] of Object.entries(serverCommands)) {
+		// LOGLEVEL=warn: no per-request log lines, in every contender alike.
+		servers[name] = await startOrigin({ LOGLEVEL: "warn", ...env }, {
+			command: onServerCore(command),
+			pollPort: await freePort(),
+		});
+	}
+
+	// Warm up every contender, and check each answers as it should.
+	for (const contender of contenders) {
+		const counts = await load(servers[contender.server].url, contender.secret, WARMUP_REQUESTS);
+		if (counts[contender.expectedStatus] !== WARMUP_REQUESTS) {
+			throw new Error(
+				`${contender.name}: expected ${WARMUP_REQUESTS} × ${contender.expectedStatus}, got ${
+					JSON.stringify(counts)
+				}`,
+			);
+		}
+	}
+
+	const perRequest: number[][] = contenders.map(() => []);
+	const ratios: number[][] = contenders.map(() => []);
+	for (let round = 0; round < ROUNDS; round++) {
+		// Each round starts with a different contender, so that a drift in the
+		// machine's speed does not always favour the same one.
+		const order = contenders.map((_, index) => (index + round) % contenders.length);
+		for (const index of order) {
+			const contender = contenders[index];
+			const { child } = servers[contender.server];
+			const before = cpuNanoseconds(child.pid!);
+			await load(servers[contender.server].url, contender.secret, REQUESTS);
+			perRequest[index][round] = (cpuNanoseconds(child.pid!) - before) / REQUESTS / 1000;
+		}
+		for (const [index, { versus }] of contenders.entries()) {
+			const reference = contenders.findIndex((contender) => contender.name === versus);
+			ratios[index][round] = perRequest[index][round] / perRequest[reference][round];
+		}
+		process.stdout.write(round + 1 === ROUNDS ? ".\n" : ".");
+	}
+
+	// A Markdown table: readable here, and pasted as is into the README.
+	const median = (values: number[]) =>
+		[...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+	console.log(
+		"\n| contender | answer | server CPU µs per request | median ratio | to | target |",
+	);
+	console.log("| --- | --- | --- | --- | --- | --- |");
+	for (const [index, contender] of contenders.entries()) {
+		const ratio = median(ratios[index]);
+		const verdict = contender.target === undefined
+			? ""
+			: `<= ${contender.target.toFixed(2)}: ${ratio <= contender.target ? "met" : "MISSED"}`;
+		console.log(
+			`| ${contender.name} | ${contender.expectedStatus} | ${
+				median(perRequest[index]).toFixed(1)
+			} | ${ratio.toFixed(3)} | ${contender.versus} | ${verdict} |`,
+		);
+	}
+	console.log(
+		`\nOne comparison alone: ${compareNs.toFixed(0)} ns (target <= 500 ns: ${
+			compareNs <= 500 ? "met" : "MISSED"
+		}); ` +
+			`SHA-256 of the value, then timingSafeEqual: ${hashNs.toFixed(0)} ns.`,
+	);
+} finally {
+	for (const agent of agents.values()) agent.destroy();
+	await Promise.all(Object.values(servers).map((server) => server.stop()));
+}
