@@ -66,9 +66,9 @@ const gateway = runsGateway
 		},
 	})
 	: undefined;
-// moleculer-web creates its HTTP server with the service.
-const server = (gateway as { server?: Server } | undefined)?.server;
+const server = (gateway as { server?: Server } | undefined)?.server; // made with the service
 
+// Before the start, so that no signal finds the process without its handler.
 stopGracefullyOnSignals(server);
 const joinDeadline = transporterUrl ? failFastUntilJoined(transporterUrl) : undefined;
 await broker.start();

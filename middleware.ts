@@ -173,8 +173,9 @@ function wipeHeaders(req: GatewayRequest) {
 		const name = raw[index].toLowerCase();
 		if (name === HEADER || name === CONSUMER_HEADER) raw[index + 1] = "";
 	}
-	// Built from rawHeaders on first use; this also wipes one built before the door ran.
-	const distinct: Record<string, string[] | undefined> | undefined = req.headersDistinct;
+	// Node builds headersDistinct from rawHeaders on first use, so only Express middleware,
+	// before the door, can have built one; building it here would cost every request.
+	const distinct = req.$next ? req.headersDistinct as Record<string, unknown> : undefined;
 	if (distinct) distinct[HEADER] = distinct[CONSUMER_HEADER] = undefined;
 }
 
@@ -368,7 +369,7 @@ type Matcher = ReturnType<typeof createSecretMatcher>;
 type Report = ReturnType<typeof createReport>;
 type SettableMetric = { set(value: number, labels: Record<string, string | number>): void };
 type Reason = "missing" | "invalid";
-type GatewayRequest = IncomingMessage & { originalUrl?: string };
+type GatewayRequest = IncomingMessage & { originalUrl?: string; $next?: unknown };
 type GatewayParams = { req: GatewayRequest; res: ServerResponse; [PASSED_DOOR]?: true };
 type GatewayMethods = {
 	settings: { onError?: unknown };

@@ -282,6 +282,13 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 						200,
 						"GET /status is public, under /api",
 					);
+					// A logger before the gateway built headersDistinct, with the secret in it.
+					const meta = await request(`${started.url}/api/meta`, {
+						"x-shared-secret": SECRET,
+					});
+					assert.equal(meta.status, 200);
+					assert.match(meta.body, /"rawHeaders"/, "the route hook did copy the headers");
+					assert.ok(!meta.body.includes(SECRET), "the secret reached a service");
 					const { answer, closedEarly } = await refusedBodyCloses(
 						started.url,
 						"/api/greeter/hello",

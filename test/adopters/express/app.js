@@ -7,7 +7,10 @@ const ApiGateway = require("moleculer-web");
 const { SharedSecretMiddleware } = require("./shared-secret.cjs");
 
 const broker = new ServiceBroker({ logLevel: "warn", middlewares: [SharedSecretMiddleware] });
-broker.createService({ name: "greeter", actions: { hello: () => "Hello Moleculer" } });
+broker.createService({
+	name: "greeter",
+	actions: { hello: () => "Hello Moleculer", meta: (ctx) => ctx.meta },
+});
 const gateway = broker.createService({
 	name: "api",
 	mixins: [ApiGateway],
@@ -15,7 +18,16 @@ const gateway = broker.createService({
 		server: false,
 		routes: [{
 			path: "/",
-			aliases: { "GET /greeter/hello": "greeter.hello", "GET /status": "greeter.hello" },
+			aliases: {
+				"GET /greeter/hello": "greeter.hello",
+				"GET /status": "greeter.hello",
+				"GET /meta": "greeter.meta",
+			},
+			// Hands the services every form of the headers: none may hold the secret.
+			onBeforeCall(ctx, _route, req) {
+				const { headers, rawHeaders, headersDistinct } = req;
+				Object.assign(ctx.meta, { headers, rawHeaders, headersDistinct });
+			},
 		}],
 		onError: process.env.ON_ERROR === "on"
 			? (_req, res, error) =>
@@ -27,6 +39,8 @@ const gateway = broker.createService({
 });
 
 const app = express();
+// A logger before the gateway that reads headersDistinct: Node builds it then, with the secret.
+app.use((req, _res, next) => next(void req.headersDistinct));
 app.use("/api", gateway.express());
 broker.start().then(() => {
 	const server = app.listen(
