@@ -21,7 +21,7 @@ broker.createService({
 		...ApiService.actions,
 		protectedAction: {
 			// Slower than a cluster's 500 ms requestTimeout (index.ts) by
-			// design, so it says how long it may take, as the README says to.
+			// design, so it says how long it may take, as docs/scaling-out.md says to.
 			timeout: 10_000,
 			async handler() {
 				await sleep(Number(process.env.SLOW_MS ?? 1500));
