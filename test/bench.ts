@@ -7,8 +7,9 @@
  * machine with the load generator on the same box, requests per second swing
  * by tens of percent from run to run, while CPU per request holds within a few.
  *
- * Each server runs in its own process, pinned to its own core with taskset
- * where there is one, away from this process and its load generator. The
+ * Each contender runs as BENCH_PROCESSES (3) server processes, pinned to their own
+ * core with taskset where there is one, away from this process and its load
+ * generator. The
  * contenders are warmed up, then measured in interleaved rounds; each ratio is
  * taken against the baseline of the same round, and the table shows medians.
  */
@@ -25,6 +26,10 @@ import { freePort, type Origin, projectRoot, SECRET, startOrigin } from "./origi
 // second to the next, and contenders measured close together see the same.
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 25);
 const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 2000);
+// Processes per contender: two starts of the same server can differ by several percent
+// (memory layout, JIT decisions), more than the door costs. Each round spreads a
+// contender's requests over all of its processes.
+const PROCESSES = Number(process.env.BENCH_PROCESSES ?? 3);
 const WARMUP_REQUESTS = 6000;
 const CONNECTIONS = 16;
 const WRONG_SECRET = randomBytes(32).toString("hex");
@@ -222,20 +227,30 @@ console.log(
 		`${ROUNDS} rounds of ${REQUESTS} requests over ${CONNECTIONS} connections per contender.`,
 );
 
-const servers: Record<string, Origin> = {};
+const servers: Record<string, Origin[]> = {};
 try {
 	for (const [name, { command, env }] of Object.entries(serverCommands)) {
-		// LOGLEVEL=warn: no per-request log lines, in every contender alike.
-		servers[name] = await startOrigin({ LOGLEVEL: "warn", ...env }, {
-			command: onServerCore(command),
-			pollPort: await freePort(),
-		});
+		servers[name] = [];
+		for (let copy = 0; copy < PROCESSES; copy++) {
+			// LOGLEVEL=warn: no per-request log lines, in every contender alike.
+			// Each copy with metrics on gets a metrics port of its own.
+			const copyEnv = copy === 0
+				? env
+				: { ...env, METRICS_PORT: env.METRICS_PORT && String(await freePort()) };
+			servers[name].push(
+				await startOrigin({ LOGLEVEL: "warn", ...copyEnv }, {
+					command: onServerCore(command),
+					pollPort: await freePort(),
+				}),
+			);
+		}
 	}
 
 	// Warm up every contender, and check each answers as it should.
 	for (const contender of contenders) {
-		const counts = await load(servers[contender.server].url, contender.secret, WARMUP_REQUESTS);
-		if (counts[contender.expectedStatus] !== WARMUP_REQUESTS) {
+		for (const server of servers[contender.server]) {
+			const counts = await load(server.url, contender.secret, WARMUP_REQUESTS);
+			if (counts[contender.expectedStatus] === WARMUP_REQUESTS) continue;
 			throw new Error(
 				`${contender.name}: expected ${WARMUP_REQUESTS} × ${contender.expectedStatus}, got ${
 					JSON.stringify(counts)
@@ -252,10 +267,15 @@ try {
 		const order = contenders.map((_, index) => (index + round) % contenders.length);
 		for (const index of order) {
 			const contender = contenders[index];
-			const { child } = servers[contender.server];
-			const before = cpuNanoseconds(child.pid!);
-			await load(servers[contender.server].url, contender.secret, REQUESTS);
-			perRequest[index][round] = (cpuNanoseconds(child.pid!) - before) / REQUESTS / 1000;
+			let [nanoseconds, requests] = [0, 0];
+			for (const { child, url } of servers[contender.server]) {
+				const share = Math.ceil(REQUESTS / PROCESSES);
+				const before = cpuNanoseconds(child.pid!);
+				await load(url, contender.secret, share);
+				nanoseconds += cpuNanoseconds(child.pid!) - before;
+				requests += share;
+			}
+			perRequest[index][round] = nanoseconds / requests / 1000;
 		}
 		for (const [index, { versus }] of contenders.entries()) {
 			const reference = contenders.findIndex((contender) => contender.name === versus);
@@ -290,5 +310,5 @@ try {
 	);
 } finally {
 	for (const agent of agents.values()) agent.destroy();
-	await Promise.all(Object.values(servers).map((server) => server.stop()));
+	await Promise.all(Object.values(servers).flat().map((server) => server.stop()));
 }
