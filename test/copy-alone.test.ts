@@ -22,9 +22,11 @@ let base: string;
 const eventsSeen: unknown[] = [];
 
 before(async () => {
-	process.env.SHARED_SECRET = SECRET;
-	process.env.PUBLIC_PATHS = "GET /v2/status,GET /v2/public-meta";
-	broker = new ServiceBroker({ logger: false, middlewares: [SharedSecretMiddleware] });
+	const door = SharedSecretMiddleware({
+		secrets: SECRET,
+		publicPaths: "GET /v2/status,GET /v2/public-meta",
+	});
+	broker = new ServiceBroker({ logger: false, middlewares: [door] });
 
 	broker.createService({
 		name: "orders",
@@ -187,7 +189,7 @@ async function startGateway(
 	const other = new ServiceBroker({
 		logger: false,
 		...brokerOptions,
-		middlewares: [SharedSecretMiddleware],
+		middlewares: [SharedSecretMiddleware({ secrets: SECRET, publicPaths: "GET /v2/status" })],
 	});
 	other.createService({ name: "jobs", actions });
 	const gateway = other.createService({
