@@ -33,7 +33,14 @@ export type SharedSecretOptions = {
 export type SharedSecretMeta = { consumer?: string };
 
 type Logger = { info(line: string): void; warn(line: string): void };
-type Refusal = { error: Error; body: string; head: Record<string, string> };
+type Refusal = {
+	reason: Reason;
+	error: Error;
+	body: string;
+	head: Record<string, string>;
+	http2Head: Record<string, string>;
+	asBytes: string;
+};
 type Refusals = Record<Reason, Refusal>;
 type Report = { announce(entries: number): void; start(): void; stop(): void; rotated(): void };
 type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
@@ -43,6 +50,10 @@ type Request = IncomingMessage & {
 	[CONSUMER]?: string;
 };
 type Reason = "missing" | "invalid";
+type Marks = { [CHECKED_URL]?: string; [CONSUMER]?: string };
+type Http2Stream = ServerHttp2Stream & Marks;
+type Http2Request = Request & { stream: Http2Stream };
+type Headers = Record<string, unknown>;
 type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
 type Gateway = Service & GatewayMethods & { server?: Server | null; routes?: { path: string }[] };
 type GatewayMethods = {
@@ -112,33 +123,27 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	function guardServer(server: Server, gateway: Gateway) {
 		const refusals = createRefusals(gateway);
 		const refuse = refuser(gateway, refusals);
-		const emit = server.emit;
+		const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
 		server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
 			if (event === "request" || event === "checkContinue") {
 				const [req, res] = args as [Request, ServerResponse];
-				// An HTTP/2 request met the door as its stream, below.
-				if (req.httpVersionMajor === 2) {
-					return emit.apply(
-						this,
-						[event, ...args] as unknown as Parameters<Server["emit"]>,
-					);
+				if (req.httpVersionMajor === 2) passedAsStream(req as Http2Request);
+				else {
+					const verdict = check(req);
+					if (verdict !== true) return refuse(req, res, verdict);
 				}
-				const verdict = check(req);
-				if (verdict !== true) return refuse(req, res, verdict);
 			} else if (event === "upgrade" || event === "connect") {
 				const [req, socket] = args as [Request, Duplex];
 				const verdict = check(req);
-				if (verdict !== true) {
-					return refuseSocket(gateway, refusals[verdict], req, socket, verdict);
-				}
+				if (verdict !== true) return refuseSocket(gateway, refusals[verdict], req, socket);
 			} else if (event === "stream") {
-				const [stream, headers] = args as [ServerHttp2Stream, Record<string, unknown>];
-				const verdict = checkStream(headers, args[3] as string[] | undefined);
+				const [stream, headers, , raw] = args as [Http2Stream, Headers, unknown, string[]];
+				const verdict = checkStream(stream, headers, raw);
 				if (verdict !== true) {
-					return refuseStream(gateway, refusals[verdict], stream, headers, verdict);
+					return refuseStream(gateway, refusals[verdict], stream, headers);
 				}
 			}
-			return emit.apply(this, [event, ...args] as unknown as Parameters<Server["emit"]>);
+			return emit.call(this, event, ...args);
 		} as Server["emit"];
 		// Node answers `Expect: 100-continue` with "100 Continue" itself unless something
 		// listens for checkContinue: this listener does what Node would, after the door.
@@ -151,11 +156,20 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		}
 	}
 
-	// HTTP/2's headers arrive with the stream; its compatibility request reuses them.
-	function checkStream(headers: Record<string, unknown>, raw: string[] | undefined) {
+	// HTTP/2's headers arrive with the stream, before its request exists: the door checks them
+	// there, and the request of a stream that passed inherits the stream's marks.
+	function checkStream(stream: Http2Stream, headers: Headers, raw: string[] | undefined) {
 		const req = { headers, rawHeaders: raw ?? [], method: headers[":method"] } as Request;
 		req.url = String(headers[":path"] ?? "");
-		return check(req);
+		const verdict = check(req);
+		stream[CHECKED_URL] = req[CHECKED_URL];
+		stream[CONSUMER] = req[CONSUMER];
+		return verdict;
+	}
+
+	function passedAsStream(req: Http2Request) {
+		req[CHECKED_URL] = req.stream[CHECKED_URL];
+		req[CONSUMER] = req.stream[CONSUMER];
 	}
 
 	// Writes a refusal, counts it, and says that the request is answered.
@@ -178,33 +192,24 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		};
 	}
 
-	function refuseSocket(
-		gateway: Gateway,
-		{ body, head }: Refusal,
-		req: Request,
-		socket: Duplex,
-		reason: Reason,
-	): true {
-		tally[reason]++;
+	// An upgrade's socket gets the same 401 as raw bytes, and closes.
+	function refuseSocket(gateway: Gateway, refusal: Refusal, req: Request, socket: Duplex) {
+		tally[refusal.reason]++;
 		logRefusal(gateway, req.method, req.url);
-		const lines = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`);
-		socket.end(
-			`HTTP/1.1 401 Unauthorized\r\n${lines.join("")}Connection: close\r\n\r\n${body}`,
-		);
+		socket.end(refusal.asBytes);
 		return true;
 	}
 
 	function refuseStream(
 		gateway: Gateway,
-		{ body, head }: Refusal,
-		stream: ServerHttp2Stream,
-		headers: Record<string, unknown>,
-		reason: Reason,
-	): true {
-		tally[reason]++;
+		refusal: Refusal,
+		stream: Http2Stream,
+		headers: Headers,
+	) {
+		tally[refusal.reason]++;
 		logRefusal(gateway, headers[":method"], headers[":path"]);
-		stream.respond({ ":status": 401, ...lowerCaseKeys(head) });
-		stream.end(body);
+		stream.respond({ ":status": 401, ...refusal.http2Head });
+		stream.end(refusal.body);
 		return true;
 	}
 
@@ -281,7 +286,9 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			return (cmd, packet) => {
 				const action = cmd === "REQ" ? packet?.payload?.action : undefined;
 				if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
-				logger?.warn(`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`);
+				logger?.warn(
+					`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`,
+				);
 				return Promise.resolve(false);
 			};
 		} as never,
@@ -325,22 +332,30 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 // moleculer-web's own UnAuthorizedError, in the gateway's error shape, built once per gateway.
 function createRefusals(gateway: Gateway | undefined): Refusals {
-	const build = (message: string, type: string): Refusal => {
+	const build = (reason: Reason, message: string, type: string): Refusal => {
 		const error = new ApiGateway.Errors.UnAuthorizedError(type, undefined);
 		error.message = message;
 		const { name, code } = error;
-		const shape = gateway ? gateway.reformatError(error) : { name, message, code, type };
-		const body = JSON.stringify(shape);
+		const body = JSON.stringify(
+			gateway ? gateway.reformatError(error) : { name, message, code, type },
+		);
 		const head = {
 			"Content-Type": "application/json; charset=utf-8",
 			"Content-Length": String(Buffer.byteLength(body)),
 			"WWW-Authenticate": CHALLENGE,
 		};
-		return { error, body, head };
+		const fields = Object.entries(head).map(([field, value]) => `${field}: ${value}\r\n`).join(
+			"",
+		);
+		const asBytes = `HTTP/1.1 401 Unauthorized\r\n${fields}Connection: close\r\n\r\n${body}`;
+		const http2Head = Object.fromEntries(
+			Object.entries(head).map(([field, value]) => [field.toLowerCase(), value]),
+		);
+		return { reason, error, body, head, http2Head, asBytes };
 	};
 	return {
-		missing: build("No secret provided", ApiGateway.Errors.ERR_NO_TOKEN),
-		invalid: build("Invalid secret", ApiGateway.Errors.ERR_INVALID_TOKEN),
+		missing: build("missing", "No secret provided", ApiGateway.Errors.ERR_NO_TOKEN),
+		invalid: build("invalid", "Invalid secret", ApiGateway.Errors.ERR_INVALID_TOKEN),
 	};
 }
 
@@ -447,12 +462,6 @@ function isGateway(service: { schema?: ServiceSchema } | ServiceSchema): boolean
 function cut(value: unknown, length: number): string {
 	const text = String(value);
 	return text.length <= length ? text : `${text.slice(0, length)}... (${text.length} characters)`;
-}
-
-function lowerCaseKeys(head: Record<string, string>): Record<string, string> {
-	return Object.fromEntries(
-		Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]),
-	);
 }
 
 // ---- Where the door meets a cluster --------------------------------------------------------

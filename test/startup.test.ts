@@ -89,7 +89,10 @@ test("the bare form, without the call, stops the broker with the call to write",
 	} finally {
 		process.exit = exit;
 	}
-	assert.match(lines.join("\n"), /must be called: middlewares: \[SharedSecretMiddleware\(\{ secrets \}\)\]/);
+	assert.match(
+		lines.join("\n"),
+		/must be called: middlewares: \[SharedSecretMiddleware\(\{ secrets \}\)\]/,
+	);
 });
 
 // index.ts turns the door's error into one FATAL line and exit 1. Each case is its own process.
