@@ -67,41 +67,70 @@ test(
 	},
 );
 
-test("a node that joins the cluster cannot change or list the gateway's routes", {
-	timeout: 30_000,
-}, async () => {
-	// Not in the gateway's list: it joins by naming the gateway in its own.
-	const urls = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/intruder`;
-	const intruder = new ServiceBroker({
-		nodeID: "intruder",
-		logger: false,
-		transporter: { type: "TCP", options: { urls, udpDiscovery: false } },
-	});
-	await intruder.start();
-	try {
-		await intruder.waitForServices("gateway", 10_000);
-		const attempts: [string, object][] = [
-			["gateway.removeRoute", { path: "/" }],
-			["gateway.addRoute", { route: { path: "/open", mappingPolicy: "all" } }],
-			["gateway.listAliases", {}],
-		];
-		for (const [action, params] of attempts) {
-			await assert.rejects(
-				intruder.call(action, params),
-				{ name: "ServiceNotFoundError" },
-				action,
-			);
-		}
-		// The routes are as they were: /health answers, and nothing new is open.
-		assert.equal((await fetch(`${gatewayNode.url}/health`)).status, 200);
-		const opened = await fetch(`${gatewayNode.url}/open/api/protectedAction`, {
-			headers: { "x-shared-secret": SECRET },
+test(
+	"a node that joins the cluster cannot change the gateway's routes, not even by a crafted packet",
+	{
+		timeout: 30_000,
+	},
+	async () => {
+		// Not in the gateway's list: it joins by naming the gateway in its own.
+		const urls = `tcp://${gatewayAddress}/gateway-1,127.0.0.1:${await freePort()}/intruder`;
+		const intruder = new ServiceBroker({
+			nodeID: "intruder",
+			logger: false,
+			transporter: { type: "TCP", options: { urls, udpDiscovery: false } },
 		});
-		assert.equal(opened.status, 404);
-	} finally {
-		await intruder.stop();
-	}
-});
+		await intruder.start();
+		try {
+			await intruder.waitForServices("gateway", 10_000);
+			const attempts: [string, object][] = [
+				["gateway.removeRoute", { path: "/" }],
+				["gateway.addRoute", { route: { path: "/open", mappingPolicy: "all" } }],
+			];
+			for (const [action, params] of attempts) {
+				await assert.rejects(
+					intruder.call(action, params),
+					{ name: "ServiceNotFoundError" },
+					action,
+				);
+			}
+			// A REQUEST packet written by hand, which no registry lookup stands in front of.
+			for (const [action, params] of attempts) {
+				const publish = intruder.transit!.publish as unknown as (packet: object) => unknown;
+				publish.call(intruder.transit, {
+					type: "REQ",
+					target: "gateway-1",
+					payload: {
+						id: `crafted-${action}`,
+						action,
+						params,
+						meta: {},
+						timeout: 0,
+						level: 1,
+						tracing: false,
+						parentID: null,
+						requestID: `crafted-${action}`,
+						caller: null,
+						stream: false,
+					},
+				});
+			}
+			// A call answered after the crafted packets, on the same connection, means they arrived.
+			await intruder.call("gateway.listAliases", {});
+			await new Promise((resolve) => setTimeout(resolve, 300));
+			// The routes are as they were: /health answers, and nothing new is open.
+			assert.equal((await fetch(`${gatewayNode.url}/health`)).status, 200);
+			const opened = await fetch(`${gatewayNode.url}/open/api/protectedAction`, {
+				headers: { "x-shared-secret": SECRET },
+			});
+			assert.equal(opened.status, 404);
+			assert.match(gatewayNode.output(), /dropped a call to gateway\.removeRoute from the/);
+			assert.match(gatewayNode.output(), /dropped a call to gateway\.addRoute from the/);
+		} finally {
+			await intruder.stop();
+		}
+	},
+);
 
 test(
 	"the gateway node does not hold `api`: without the service node it answers 503 with Retry-After",
