@@ -84,6 +84,7 @@ function spawnOrigin(
 	for (
 		const name of [
 			"SHARED_SECRET",
+			"SHARED_SECRET_FILE",
 			"PUBLIC_PATHS",
 			"PORT",
 			"LOGLEVEL",
