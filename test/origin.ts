@@ -132,8 +132,14 @@ export function startOrigin(
 		command,
 		cwd,
 	);
+	// Deno's child process reports a signal as its signalCode once it is sent (SIGHUP, say),
+	// even if the process lives on: only the exit event says it has gone.
+	let hasExited = false;
 	const exited = new Promise<number | null>((resolve) =>
-		child.once("exit", (code) => resolve(code))
+		child.once("exit", (code) => {
+			hasExited = true;
+			resolve(code);
+		})
 	);
 	let settled = false;
 
@@ -155,7 +161,8 @@ export function startOrigin(
 				child,
 				output,
 				stop(signal = "SIGTERM") {
-					if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+					// process.kill, since Deno's child.kill sends no second signal.
+					if (!hasExited) process.kill(child.pid!, signal);
 					return exited;
 				},
 			});

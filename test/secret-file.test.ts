@@ -191,7 +191,7 @@ test("SIGHUP reads the file again at once", { timeout: 60_000 }, async () => {
 		for (const [round, secret] of [OLD_SECRET, SECRET, OLD_SECRET, SECRET].entries()) {
 			const changes = origin.output().split("the secrets changed").length;
 			writeFileSync(path, secret);
-			origin.child.kill("SIGHUP");
+			process.kill(origin.child.pid!, "SIGHUP");
 			await waitFor(
 				() => origin.output().split("the secrets changed").length > changes,
 				`round ${round + 1} within 300 ms of SIGHUP`,
