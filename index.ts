@@ -1,13 +1,9 @@
 /**
  * The origin: one Moleculer broker, the door (middleware.ts) in front of a moleculer-web gateway,
- * and the page's `api` service behind it (service.ts).
+ * and the page's `api` service behind it (service.ts). `npm start` runs it (docs/runtimes.md).
  *
- *     npm run setup    # writes .env with a fresh SHARED_SECRET
- *     npm start        # or: tsx index.ts, node index.ts, bun index.ts, deno task start
- *
- * It reads every environment variable the origin uses in the first block below. Then comes the
- * page's promise. Below that are the production extras, each a named part: the secret file,
- * the cluster, metrics and the graceful stop.
+ * The first block reads every environment variable. Then comes the page's promise, and below
+ * it the production extras, each a named part: the secret file, the cluster, metrics and stop.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
@@ -27,12 +23,8 @@ const config = {
 	secretFile: env.SHARED_SECRET_FILE || undefined,
 	// "GET /health" is public unless PUBLIC_PATHS says otherwise; set empty, nothing is.
 	publicPaths: env.PUBLIC_PATHS ?? "GET /health",
-	reportSeconds: env.SHARED_SECRET_REPORT_SECONDS
-		? Number(env.SHARED_SECRET_REPORT_SECONDS)
-		: undefined,
-	quietSeconds: env.SHARED_SECRET_QUIET_SECONDS
-		? Number(env.SHARED_SECRET_QUIET_SECONDS)
-		: undefined,
+	reportSeconds: numberOrUnset(env.SHARED_SECRET_REPORT_SECONDS),
+	quietSeconds: numberOrUnset(env.SHARED_SECRET_QUIET_SECONDS),
 	port: Number(env.PORT ?? 3000),
 	logLevel: (env.LOGLEVEL ?? "info") as LogLevels,
 	metricsPort: Number(env.METRICS_PORT || 0),
@@ -120,6 +112,10 @@ function loadDotEnv(file = ".env") {
 	Object.assign(process.env, alreadySet);
 }
 
+function numberOrUnset(value: string | undefined): number | undefined {
+	return value ? Number(value) : undefined;
+}
+
 // The door checks its options at the call and throws one line that names the problem, never
 // the value. Here that line becomes the process's last, with exit 1 for a supervisor to see.
 function createDoorOrExit() {
@@ -144,8 +140,9 @@ function readSecretFile(path: string): string {
 	try {
 		return readFileSync(path, "utf8").trimEnd();
 	} catch (error) {
-		const code = (error as NodeJS.ErrnoException).code;
-		throw new Error(`SHARED_SECRET_FILE ${path} cannot be read (${code}).`);
+		// Deno names a missing permission NotCapable, with no code.
+		const why = (error as NodeJS.ErrnoException).code ?? (error as Error).name;
+		throw new Error(`SHARED_SECRET_FILE ${path} cannot be read (${why}).`);
 	}
 }
 
@@ -170,9 +167,7 @@ function watchSecretFile(path: string, door: ReturnType<typeof SharedSecretMiddl
 			door.setSecrets(contents);
 		} catch (error) {
 			const why = (error as Error).message;
-			broker.logger.warn(
-				`SHARED_SECRET_FILE ${path} changed; the door keeps its secrets: ${why}`,
-			);
+			broker.logger.warn(`SHARED_SECRET_FILE ${path} changed; the door keeps them: ${why}`);
 		}
 	}
 	setInterval(reread, 1000).unref();
@@ -225,33 +220,27 @@ function withRetries(schema: typeof ApiService): typeof ApiService {
 // A gateway-only node listens once `api` can answer from another node, and answers 503 when
 // no api node is left.
 function inCluster<T extends ServiceSchema<ApiSettingsSchema>>(schema: T): T {
-	return {
-		...schema,
-		dependencies: runsApi ? [] : ["api"],
-		hooks: { error: { rest: waitForApiOr503 } },
-	};
+	const hooks = { error: { rest: waitForApiOr503 } };
+	return { ...schema, dependencies: runsApi ? [] : ["api"], hooks };
 }
 
 // With no api node known, Moleculer's "service not available" becomes moleculer-web's 404. This
 // waits up to 2 s for one and routes the request again, once; else a 503 with Retry-After,
 // which a load balancer reads as "try another origin, or again shortly".
-async function waitForApiOr503(this: Service, ctx: Context<RetryParams, Meta>, error: Error) {
+async function waitForApiOr503(this: Service, ctx: Context<Waited, Meta>, error: Error) {
 	const noApi = error instanceof Errors.ServiceNotAvailableError ||
 		error instanceof Errors.ServiceNotFoundError;
 	if (!noApi) throw error;
 	if (!ctx.params.waitedForApi) {
 		ctx.params.waitedForApi = true;
-		const apiIsBack = await this.broker.waitForServices("api", 2000).then(
-			() => true,
-			() => false,
-		);
-		if (apiIsBack) return this.actions.rest(ctx.params, { parentCtx: ctx });
+		const apiIsBack = this.broker.waitForServices("api", 2000).then(() => true, () => false);
+		if (await apiIsBack) return this.actions.rest(ctx.params, { parentCtx: ctx });
 	}
 	ctx.meta.$responseHeaders = { "Retry-After": "1" };
 	const message = "No api node is available; try again shortly.";
 	throw new Errors.MoleculerServerError(message, 503, "SERVICE_UNAVAILABLE");
 }
-type RetryParams = { waitedForApi?: boolean };
+type Waited = { waitedForApi?: boolean };
 type Meta = { $responseHeaders?: Record<string, string> };
 
 // Moleculer retries a transporter it cannot reach forever, and a gateway node would never
@@ -312,9 +301,7 @@ function stopGracefullyOnSignals(server: Server | undefined) {
 			return;
 		}
 		stoppingSince = Date.now();
-		broker.logger.info(
-			`${signal}: refusing new connections, finishing the requests in flight.`,
-		);
+		broker.logger.info(`${signal}: refusing new connections, finishing those in flight.`);
 		if (server?.listening) {
 			const closeIdle = setInterval(() => server.closeIdleConnections(), 100);
 			const deadline = setTimeout(() => server.closeAllConnections(), 8000);

@@ -16,7 +16,7 @@ import type { ServerHttp2Stream } from "node:http2";
 import type { Duplex } from "node:stream";
 import type { ActionHandler, ActionSchema, Context, Service, ServiceBroker } from "moleculer";
 import type { ServiceSchema } from "moleculer";
-import ApiGateway from "moleculer-web";
+import * as MoleculerWeb from "moleculer-web";
 
 export type SharedSecretOptions = {
 	/** The secret, or several while you rotate ("new,old" or a list). Entry 1 is the current one. */
@@ -46,7 +46,7 @@ const CHECKED_URL = Symbol("SharedSecretMiddleware checked URL");
 const CONSUMER = Symbol("SharedSecretMiddleware consumer");
 
 type Reason = "missing" | "invalid";
-type Marks = { [CHECKED_URL]?: string; [CONSUMER]?: string };
+type Marks = { [CHECKED_URL]?: string | undefined; [CONSUMER]?: string | undefined };
 type Request = IncomingMessage & Marks & { stream?: Stream };
 type Response = ServerResponse;
 type Stream = ServerHttp2Stream & Marks;
@@ -61,6 +61,17 @@ type Gateway = Service & {
 	httpHandler(req: Request, res: Response, next?: unknown): unknown;
 };
 type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
+
+// moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
+// CommonJS build without esModuleInterop sees them as the module itself.
+type GatewayErrors = {
+	UnAuthorizedError: new (type: string, data: unknown) => Error;
+	ERR_NO_TOKEN: string;
+	ERR_INVALID_TOKEN: string;
+};
+const moleculerWeb = MoleculerWeb as unknown as { default?: { Errors: GatewayErrors } };
+const Errors =
+	(moleculerWeb.default ?? (MoleculerWeb as unknown as { Errors: GatewayErrors })).Errors;
 
 export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
@@ -185,9 +196,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 	// ==== The door ends here. Below: where it hooks into Moleculer, and its methods.
 
+	// No `name`: moleculer 0.14 types a middleware as hooks only.
 	return {
-		name: "SharedSecretMiddleware",
-
 		created(broker: ServiceBroker) {
 			logger = broker.logger;
 			report = createReport(broker, tally, reportEveryMs, quietAfterMs);
@@ -214,6 +224,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			gateway.httpHandler = function httpHandlerAfterTheDoor(req, res, next) {
 				const verdict = req[CHECKED_URL] === undefined ? checkRequest(req) : true;
 				if (verdict !== true) return refuse(gateway, verdict, req, res);
+				// Mounted in Express, the gateway routes the URL below its mount point.
+				req[CHECKED_URL] = req.url ?? "";
 				return httpHandler.call(this, req, res, next);
 			};
 		},
@@ -267,8 +279,12 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			};
 		},
 
-		/** Replaces the secrets while the origin runs. If the new ones fail the checks, it throws. */
-		setSecrets(replacement: string | readonly string[]) {
+		/**
+		 * Replaces the secrets while the origin runs, given as the `secrets` option is. If the new
+		 * ones fail its checks, it throws and changes nothing. (`unknown`: moleculer 0.14 types
+		 * every member of a middleware as a hook.)
+		 */
+		setSecrets(replacement: unknown) {
 			const next = readSecrets(replacement);
 			whichSecret = createSecretMatcher(next);
 			keepCountsOfUnchangedEntries(tally, secrets, next);
@@ -285,7 +301,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 // moleculer-web's own UnAuthorizedError, in its JSON error shape, as each kind of reply needs it.
 function createRefusals() {
 	const build = (message: string, type: string) => {
-		const error = new ApiGateway.Errors.UnAuthorizedError(type, undefined);
+		const error = new Errors.UnAuthorizedError(type, undefined);
 		error.message = message;
 		const body = JSON.stringify({ name: error.name, message, code: 401, type });
 		const head = {
@@ -303,8 +319,8 @@ function createRefusals() {
 		return { error, body, head, asBytes, http2Head };
 	};
 	return {
-		missing: build("No secret provided", ApiGateway.Errors.ERR_NO_TOKEN),
-		invalid: build("Invalid secret", ApiGateway.Errors.ERR_INVALID_TOKEN),
+		missing: build("No secret provided", Errors.ERR_NO_TOKEN),
+		invalid: build("Invalid secret", Errors.ERR_INVALID_TOKEN),
 	};
 }
 
@@ -427,8 +443,8 @@ function warnOfUnmatchedPublicPaths(
 // ---- The options, checked at the call ------------------------------------------------------
 
 // The messages never hold the value: they go to the logs.
-function readSecrets(raw: string | readonly string[] | undefined): string[] {
-	const list = typeof raw === "string" ? raw.split(",") : [...(raw ?? [])];
+function readSecrets(raw: unknown): string[] {
+	const list = typeof raw === "string" ? raw.split(",") : Array.isArray(raw) ? raw : [];
 	const secrets = list.map((secret) => String(secret).trim());
 	const make = "Make one with: openssl rand -hex 32";
 	if (secrets.every((secret) => secret === "")) {

@@ -14,6 +14,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { createRequire } from "node:module";
 import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
@@ -48,6 +49,9 @@ before(() => {
 				express5: "npm:express@^5.1.0",
 				typescript: "~5.9.0",
 				"@types/node": "^22.0.0",
+				"@tsconfig/strictest": "2.0.8",
+				"moleculer-io": "2.2.0",
+				"socket.io-client": "^4.8.0",
 			},
 		}),
 	);
@@ -60,7 +64,7 @@ before(() => {
 		cwd: projectRoot,
 		stdio: "inherit",
 	});
-	for (const project of ["runner", "express"]) {
+	for (const project of ["runner", "express", "socketio"]) {
 		cpSync(join(here, project), join(scratch, project), { recursive: true });
 		cpSync(
 			join(projectRoot, "dist/middleware.cjs"),
@@ -108,6 +112,15 @@ async function serve(
 
 async function request(url: string, headers: Record<string, string> = {}, method = "GET") {
 	const response = await fetch(url, { method, headers });
+	return {
+		status: response.status,
+		challenge: response.headers.get("www-authenticate"),
+		body: await response.text(),
+	};
+}
+
+async function post(url: string, headers: Record<string, string>, body: string) {
+	const response = await fetch(url, { method: "POST", headers, body });
 	return {
 		status: response.status,
 		challenge: response.headers.get("www-authenticate"),
@@ -301,6 +314,59 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 			},
 		);
 
+		test(
+			`${name}: behind app.use(door.express()), nothing of the app answers without the secret`,
+			{
+				timeout: 60_000,
+			},
+			async () => {
+				const started = await startExpress(express, {
+					DOOR_IN_FRONT: "on",
+					PUBLIC_PATHS: "GET /api/status",
+				});
+				try {
+					const json = { "content-type": "application/json" };
+					const without = [
+						await request(`${started.url}/express-status`),
+						await request(`${started.url}/nope`),
+						await request(`${started.url}/api/greeter/hello`),
+						await post(`${started.url}/api/greeter/hello`, json, "{not json"),
+						await post(
+							`${started.url}/api/greeter/hello`,
+							json,
+							`"${"a".repeat(200_000)}"`,
+						),
+					];
+					for (const answer of without) {
+						assert.deepEqual([answer.status, answer.challenge, answer.body], [
+							401,
+							CHALLENGE,
+							STANDALONE_BODY,
+						]);
+					}
+					// The app's public path is the app's own: /api included.
+					assert.equal((await request(`${started.url}/api/status`)).status, 200);
+					const withSecret = { "x-shared-secret": SECRET, "x-consumer": "acme" };
+					const own = await request(`${started.url}/express-status`, withSecret);
+					assert.deepEqual([own.status, own.body], [200, '{"express":"up"}']);
+					assert.equal((await request(`${started.url}/nope`, withSecret)).status, 404);
+					const routed = await request(`${started.url}/api/greeter/hello`, withSecret);
+					assert.deepEqual([routed.status, routed.body], [200, '"Hello Moleculer"']);
+					const tooBig = await post(
+						`${started.url}/api/greeter/hello`,
+						{ ...json, ...withSecret },
+						`"${"a".repeat(200_000)}"`,
+					);
+					assert.equal(tooBig.status, 413, "with the secret, Express's parser answers");
+					assert.match(started.output(), /request headers/, "the logger ran");
+					assert.ok(!started.output().includes(SECRET), "the logger saw the secret");
+					assert.ok(!started.output().includes("acme"), "the logger saw the consumer");
+				} finally {
+					await started.stop();
+				}
+			},
+		);
+
 		test(`${name}: a gateway onError still gets the refusal`, { timeout: 60_000 }, async () => {
 			const started = await startExpress(express, { ON_ERROR: "on" });
 			try {
@@ -349,62 +415,211 @@ async function startExpress(express: string, env: Record<string, string>): Promi
 	};
 }
 
-describe("middleware.ts typechecks unchanged under tsc --strict", () => {
-	const app = [
-		'import { ServiceBroker } from "moleculer";',
-		'import ApiGateway from "moleculer-web";',
-		'import { SharedSecretMiddleware } from "./middleware";',
-		"const broker = new ServiceBroker({ middlewares: [SharedSecretMiddleware] });",
-		'broker.createService({ name: "api", mixins: [ApiGateway] });',
-	].join("\n");
-	// A folder whose modules resolve to each pair: the scratch install (0.14 + 0.10), or
-	// this project's own (0.15 + 0.11), reached from inside its node_modules.
+describe("socket.io through moleculer-io on the gateway's server (moleculer 0.14)", () => {
+	// The client, from the scratch install.
+	const { io } = createRequire(join(scratch, "package.json"))("socket.io-client") as {
+		io(url: string, options: object): ClientSocket;
+	};
+	type ClientSocket = {
+		on(event: string, listener: (value: unknown) => void): void;
+		emit(event: string, ...args: unknown[]): void;
+		close(): void;
+	};
+	/** Connects, and resolves with the `call` event's answer, or with the connection's error. */
+	function callOver(url: string, transport: string, headers: Record<string, string>) {
+		return new Promise<{ connected: boolean; answer: unknown }>((resolve) => {
+			const socket = io(url, {
+				transports: [transport],
+				extraHeaders: headers,
+				reconnection: false,
+			});
+			socket.on("connect_error", (error) => {
+				socket.close();
+				resolve({ connected: false, answer: String((error as Error).message) });
+			});
+			socket.on("connect", () => {
+				socket.emit("call", "api.protectedAction", {}, (...answer: unknown[]) => {
+					socket.close();
+					resolve({ connected: true, answer });
+				});
+			});
+		});
+	}
+
+	for (const transport of ["polling", "websocket"]) {
+		test(
+			`${transport}: no connection and no action without the secret; with it, the call works`,
+			{
+				timeout: 60_000,
+			},
+			async () => {
+				const port = await freePort();
+				const child = spawn(nodeBinary(20), ["app.js"], {
+					cwd: join(scratch, "socketio"),
+					env: { ...process.env, SHARED_SECRET: SECRET, PORT: String(port) },
+					stdio: ["ignore", "pipe", "pipe"],
+				});
+				let output = "";
+				child.stdout!.on("data", (chunk) => (output += chunk));
+				child.stderr!.on("data", (chunk) => (output += chunk));
+				try {
+					const deadline = Date.now() + 20_000;
+					while (!output.includes("socket.io ready")) {
+						if (Date.now() > deadline) throw new Error(`not ready:\n${output}`);
+						await new Promise((resolve) => setTimeout(resolve, 100));
+					}
+					const url = `http://127.0.0.1:${port}`;
+					for (
+						const headers of [{}, { "x-shared-secret": "wrong" }] as Record<
+							string,
+							string
+						>[]
+					) {
+						const refused = await callOver(url, transport, headers);
+						assert.equal(refused.connected, false, JSON.stringify(refused));
+					}
+					const granted = await callOver(url, transport, { "x-shared-secret": SECRET });
+					assert.deepEqual(granted, {
+						connected: true,
+						answer: [null, { message: "Access granted" }],
+					});
+				} finally {
+					child.kill("SIGKILL");
+				}
+			},
+		);
+	}
+});
+
+describe("middleware.ts copied into TypeScript projects, under @tsconfig/strictest", () => {
+	// A folder whose modules resolve to each pair: the scratch install (0.14 + 0.10), or this
+	// project's own (0.15 + 0.11), reached from inside its node_modules.
 	const folders = {
-		"moleculer 0.14 + moleculer-web 0.10": () => join(scratch, "typescript"),
-		"moleculer 0.15 + moleculer-web 0.11": () =>
-			join(projectRoot, "node_modules/.adopters-typescript"),
+		"moleculer 0.14 + moleculer-web 0.10": join(scratch, "typescript"),
+		"moleculer 0.15 + moleculer-web 0.11": join(
+			projectRoot,
+			"node_modules/.adopters-typescript",
+		),
 	};
 	const compilers = {
-		"TypeScript 5.9": () => join(scratch, "node_modules/typescript/bin/tsc"),
-		"the repo's TypeScript": () => join(projectRoot, "node_modules/typescript/bin/tsc"),
+		"TypeScript 5.9": join(scratch, "node_modules/typescript/bin/tsc"),
+		"the repo's TypeScript": join(projectRoot, "node_modules/typescript/bin/tsc"),
 	};
-	for (const [versions, folderOf] of Object.entries(folders)) {
-		for (const [compiler, tscOf] of Object.entries(compilers)) {
-			for (const resolution of ["node16", "bundler"]) {
-				test(`${versions}, ${compiler}, moduleResolution ${resolution}`, {
-					timeout: 60_000,
-				}, () => {
-					const folder = folderOf();
-					mkdirSync(folder, { recursive: true });
-					cpSync(join(projectRoot, "middleware.ts"), join(folder, "middleware.ts"));
-					writeFileSync(join(folder, "app.ts"), app);
-					// A CommonJS project of its own, as TypeScript templates are, with the
-					// options adopters have (skipLibCheck: moleculer 0.14's own .d.ts has errors).
-					writeFileSync(join(folder, "package.json"), "{}");
-					const compilerOptions = {
-						strict: true,
-						noEmit: true,
-						skipLibCheck: true,
-						esModuleInterop: true,
-						target: "es2022",
-						module: resolution === "node16" ? "node16" : "esnext",
-						moduleResolution: resolution,
-						types: ["node"],
-					};
-					writeFileSync(
-						join(folder, "tsconfig.json"),
-						JSON.stringify({ compilerOptions, files: ["app.ts"] }),
-					);
-					const { status, stdout, stderr } = spawnSync(process.execPath, [
-						tscOf(),
-						"-p",
-						".",
-					], { cwd: folder, encoding: "utf8" });
-					assert.equal(status, 0, `${stdout}${stderr}`);
+	const strictest = join(scratch, "node_modules/@tsconfig/strictest/tsconfig.json");
+	// The import lines that README.md and docs/adopting.md give, each with its setup.
+	const setups = {
+		"tsx, Node, Deno or Bun: ./middleware.ts": {
+			importLine: 'import { SharedSecretMiddleware } from "./middleware.ts";',
+			type: "module",
+			compilerOptions: {
+				module: "esnext",
+				moduleResolution: "bundler",
+				allowImportingTsExtensions: true,
+				noEmit: true,
+			},
+		},
+		"tsc with NodeNext: ./middleware.js": {
+			importLine: 'import { SharedSecretMiddleware } from "./middleware.js";',
+			type: "module",
+			compilerOptions: { module: "nodenext", moduleResolution: "nodenext", noEmit: true },
+		},
+	};
+	const app = (importLine: string) =>
+		[
+			'import { ServiceBroker } from "moleculer";',
+			'import ApiGateway from "moleculer-web";',
+			importLine,
+			// Under strictest, process.env is read with brackets.
+			'const door = SharedSecretMiddleware({ secrets: process.env["SHARED_SECRET"] });',
+			"const broker = new ServiceBroker({ middlewares: [door] });",
+			'broker.createService({ name: "api", mixins: [ApiGateway] });',
+		].join("\n");
+
+	function compile(folder: string, tsc: string, tsconfig: object) {
+		mkdirSync(folder, { recursive: true });
+		cpSync(join(projectRoot, "middleware.ts"), join(folder, "middleware.ts"));
+		writeFileSync(join(folder, "tsconfig.json"), JSON.stringify(tsconfig));
+		const { status, stdout, stderr } = spawnSync(process.execPath, [tsc, "-p", "."], {
+			cwd: folder,
+			encoding: "utf8",
+		});
+		assert.equal(status, 0, `${stdout}${stderr}`);
+	}
+
+	for (const [versions, folder] of Object.entries(folders)) {
+		for (const [compiler, tsc] of Object.entries(compilers)) {
+			for (const [setup, { importLine, type, compilerOptions }] of Object.entries(setups)) {
+				test(`${versions}, ${compiler}, ${setup}`, { timeout: 60_000 }, () => {
+					const project = join(folder, setup.replace(/\W+/g, "-"));
+					mkdirSync(project, { recursive: true });
+					writeFileSync(join(project, "package.json"), JSON.stringify({ type }));
+					writeFileSync(join(project, "app.ts"), app(importLine));
+					compile(project, tsc, {
+						extends: strictest,
+						// moleculer 0.14's own .d.ts has errors, as strictest's skipLibCheck allows.
+						compilerOptions: { target: "es2022", types: ["node"], ...compilerOptions },
+						files: ["app.ts"],
+					});
 				});
 			}
 		}
 	}
+
+	test("a tsc build to CommonJS without esModuleInterop answers 401 and 200", {
+		timeout: 60_000,
+	}, async () => {
+		const project = join(scratch, "typescript-commonjs");
+		mkdirSync(project, { recursive: true });
+		writeFileSync(join(project, "package.json"), "{}");
+		writeFileSync(
+			join(project, "app.ts"),
+			[
+				'import { ServiceBroker } from "moleculer";',
+				'import ApiGateway = require("moleculer-web");',
+				'import { SharedSecretMiddleware } from "./middleware";',
+				'const door = SharedSecretMiddleware({ secrets: process.env["SHARED_SECRET"] });',
+				"const broker = new ServiceBroker({ logLevel: 'warn', middlewares: [door] });",
+				"const settings = { port: Number(process.env['PORT']), routes: [{ path: '/' }] };",
+				'broker.createService({ name: "api", mixins: [ApiGateway], settings });',
+				'broker.createService({ name: "greeter", actions: { hello: () => "Hello" } });',
+				"broker.start();",
+			].join("\n"),
+		);
+		compile(project, compilers["TypeScript 5.9"], {
+			extends: strictest,
+			compilerOptions: {
+				esModuleInterop: false,
+				module: "commonjs",
+				target: "es2022",
+				types: ["node"],
+				outDir: "out",
+			},
+			files: ["app.ts"],
+		});
+		const port = await freePort();
+		const app = await serve(
+			[nodeBinary(20), "out/app.js"],
+			project,
+			{ SHARED_SECRET: SECRET, PORT: String(port) },
+			port,
+			"/",
+		);
+		try {
+			const refused = await request(`${app.url}/greeter/hello`);
+			assert.deepEqual([refused.status, refused.challenge, refused.body], [
+				401,
+				CHALLENGE,
+				STANDALONE_BODY,
+			]);
+			const granted = await request(`${app.url}/greeter/hello`, {
+				"x-shared-secret": SECRET,
+			});
+			assert.deepEqual([granted.status, granted.body], [200, '"Hello"']);
+		} finally {
+			await app.stop();
+		}
+	});
+
 	after(() =>
 		rmSync(join(projectRoot, "node_modules/.adopters-typescript"), {
 			recursive: true,

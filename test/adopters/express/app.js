@@ -1,12 +1,17 @@
-// An Express app that mounts moleculer-web as middleware (server: false). EXPRESS names the
-// Express to load ("express" for 4, "express5" for 5); ON_ERROR=on gives the gateway an
-// onError, which the door must honour there too.
+// An Express app with moleculer-web mounted as middleware (server: false). EXPRESS names the
+// Express to load ("express" for 4, "express5" for 5). ON_ERROR=on gives the gateway an onError,
+// which the door must honour there too. DOOR_IN_FRONT=on puts door.express() before everything
+// else in the app: a JSON body parser, a logger that writes headers, and a route of its own.
 const express = require(process.env.EXPRESS);
 const { ServiceBroker } = require("moleculer");
 const ApiGateway = require("moleculer-web");
 const { SharedSecretMiddleware } = require("./shared-secret.cjs");
 
-const broker = new ServiceBroker({ logLevel: "warn", middlewares: [SharedSecretMiddleware] });
+const door = SharedSecretMiddleware({
+	secrets: process.env.SHARED_SECRET,
+	publicPaths: process.env.PUBLIC_PATHS,
+});
+const broker = new ServiceBroker({ logLevel: "warn", middlewares: [door] });
 broker.createService({
 	name: "greeter",
 	actions: { hello: () => "Hello Moleculer", meta: (ctx) => ctx.meta },
@@ -39,8 +44,18 @@ const gateway = broker.createService({
 });
 
 const app = express();
-// A logger before the gateway that reads headersDistinct: Node builds it then, with the secret.
-app.use((req, _res, next) => next(void req.headersDistinct));
+if (process.env.DOOR_IN_FRONT === "on") {
+	app.use(door.express());
+	app.use(express.json({ limit: "100kb" }));
+	// A logger that writes every header: behind the door, it never sees the secret.
+	app.use((req, _res, next) =>
+		next(console.log(`request headers ${JSON.stringify(req.headers)}`))
+	);
+	app.get("/express-status", (_req, res) => res.json({ express: "up" }));
+} else {
+	// A logger before the gateway that reads headersDistinct: Node builds it then, with the secret.
+	app.use((req, _res, next) => next(void req.headersDistinct));
+}
 app.use("/api", gateway.express());
 broker.start().then(() => {
 	const server = app.listen(
