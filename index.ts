@@ -1,6 +1,6 @@
 /**
  * The origin: one Moleculer broker, the door (middleware.ts) in front of a moleculer-web gateway,
- * and the page's `api` service behind it (service.ts). `npm start` runs it (docs/runtimes.md).
+ * and the page's `api` service behind it (service.ts). `npm start` runs it (docs/run-and-deploy.md).
  *
  * The first block reads every environment variable. Then comes the page's promise, and below
  * it the production extras, each a named part: the secret file, the cluster, metrics and stop.

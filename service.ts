@@ -6,6 +6,7 @@
  * gateway.
  */
 import type { Context, ServiceSchema } from "moleculer";
+import type { SharedSecretMeta } from "./middleware.ts";
 
 export const ApiService: ServiceSchema = {
 	name: "api",
@@ -16,10 +17,10 @@ export const ApiService: ServiceSchema = {
 			return { message: "Access granted" };
 		},
 
-		// GET /api/whoami: who is calling, as any action reads it. The door puts the consumer
-		// the gateway names (Zuplo's request.user.sub) in ctx.meta.consumer, on requests with
-		// the secret only, and never touches ctx.meta.user, which your own auth may set.
-		whoami(ctx: Context<unknown, { consumer?: string }>) {
+		// GET /api/whoami: who is calling, as the API gateway names it, which any action reads
+		// the same way. The door sets it on requests with the secret only, and leaves
+		// ctx.meta.user to your own auth.
+		whoami(ctx: Context<unknown, SharedSecretMeta>) {
 			return { consumer: ctx.meta.consumer ?? null };
 		},
 

@@ -1,6 +1,6 @@
 /**
  * Part of `npm run bench`: what each way of running the origin costs, so you
- * can choose one. For each row of docs/runtimes.md's table, and the bundle:
+ * can choose one. For each row of docs/run-and-deploy.md's table, and the bundle:
  * the time from spawn to the "Origin ready" line, the resident memory (RSS) at
  * that moment, and the RSS after REQUESTS requests with the secret. Medians of
  * RUNS starts. RSS is the whole process tree's (`npm start` runs tsx, which
@@ -32,7 +32,7 @@ function find(name: string, fromEnvironment: string | undefined): string | undef
 const deno = find("deno", process.env.DENO);
 const bun = find("bun", process.env.BUN);
 
-// The bundle, built by `npm run build` as docs/runtimes.md says, alone in a folder.
+// The bundle, built by `npm run build` as docs/run-and-deploy.md says, alone in a folder.
 execFileSync("npm", ["run", "--silent", "build"], { cwd: projectRoot, stdio: "ignore" });
 const bundleDir = mkdtempSync(join(tmpdir(), "origin-bundle-"));
 const bundle = join(bundleDir, "index.js");

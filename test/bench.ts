@@ -284,7 +284,7 @@ try {
 		process.stdout.write(round + 1 === ROUNDS ? ".\n" : ".");
 	}
 
-	// A Markdown table: readable here, and pasted as is into docs/performance.md.
+	// A Markdown table: readable here, and pasted as is into docs/measuring-the-cost.md.
 	const median = (values: number[]) =>
 		[...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
 	console.log(

@@ -30,7 +30,7 @@ export function originCommand(): string[] {
 
 // What Deno's --allow-sys must grant: moleculer reads the host name and the
 // network interfaces; with metrics on, it also reads the OS's release, memory,
-// uptime and load (docs/runtimes.md says the same).
+// uptime and load (docs/run-and-deploy.md says the same).
 const DENO_SYS_WITH_METRICS =
 	"hostname,networkInterfaces,osRelease,systemMemoryInfo,osUptime,loadavg";
 

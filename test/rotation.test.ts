@@ -1,5 +1,5 @@
 /**
- * The rotation of docs/rotation-and-metrics.md, driven against the real origin: which secret is in
+ * The rotation of docs/rotating-the-secret.md, driven against the real origin: which secret is in
  * use shows in the log and in Prometheus metrics, so an operator knows when
  * the old one can go. The report runs every second here (60 s by default) and
  * calls an entry quiet after 2 s unused (10 minutes by default).

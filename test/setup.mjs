@@ -14,7 +14,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 if (existsSync(".env")) {
 	console.log(".env exists; kept it.");
 } else {
-	// 32 random bytes, as `openssl rand -hex 32` makes them.
+	// 32 random bytes, as hex: 64 characters.
 	const secret = randomBytes(32).toString("hex");
 	const example = readFileSync(".env.example", "utf8");
 	// Readable by its owner only: it holds the secret.

@@ -506,7 +506,7 @@ describe("middleware.ts copied into TypeScript projects, under @tsconfig/stricte
 		"the repo's TypeScript": join(projectRoot, "node_modules/typescript/bin/tsc"),
 	};
 	const strictest = join(scratch, "node_modules/@tsconfig/strictest/tsconfig.json");
-	// The import lines that README.md and docs/adopting.md give, each with its setup.
+	// The import lines that README.md and docs/copy-the-door.md give, each with its setup.
 	const setups = {
 		"tsx, Node, Deno or Bun: ./middleware.ts": {
 			importLine: 'import { SharedSecretMiddleware } from "./middleware.ts";',
