@@ -1,6 +1,7 @@
 /**
  * The origin: one Moleculer broker, the door (middleware.ts) in front of a moleculer-web gateway,
- * and the page's `api` service behind it (service.ts). `npm start` runs it (docs/run-and-deploy.md).
+ * and the page's `api` service behind it (service.ts). `npm start` runs it; docs/run-and-deploy.md
+ * gives the other ways.
  *
  * The first block reads every environment variable. Then comes the page's promise, and below
  * it the production extras, each a named part: the secret file, the cluster, metrics and stop.
@@ -135,12 +136,11 @@ function createDoorOrExit() {
 // ---- The secret file: rotation without a restart (docs/rotating-the-secret.md) ------------
 
 // A file's trailing newline is not part of the secret. A read error names the file and the
-// error's code, never the contents.
+// error's code (Deno's NotCapable, a missing permission, has only a name), never the contents.
 function readSecretFile(path: string): string {
 	try {
 		return readFileSync(path, "utf8").trimEnd();
 	} catch (error) {
-		// Deno names a missing permission NotCapable, with no code.
 		const why = (error as NodeJS.ErrnoException).code ?? (error as Error).name;
 		throw new Error(`SHARED_SECRET_FILE ${path} cannot be read (${why}).`);
 	}
@@ -159,15 +159,12 @@ function watchSecretFile(path: string, door: ReturnType<typeof SharedSecretMiddl
 		);
 		if (contents === lastSeen) return;
 		lastSeen = contents;
-		if (contents === undefined) {
-			broker.logger.warn(`SHARED_SECRET_FILE ${path} is gone; the door keeps its secrets.`);
-			return;
-		}
 		try {
+			if (contents === undefined) throw new Error("the file is gone.");
 			door.setSecrets(contents);
 		} catch (error) {
 			const why = (error as Error).message;
-			broker.logger.warn(`SHARED_SECRET_FILE ${path} changed; the door keeps them: ${why}`);
+			broker.logger.warn(`SHARED_SECRET_FILE ${path}: the door keeps its secrets: ${why}`);
 		}
 	}
 	setInterval(reread, 1000).unref();

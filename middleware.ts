@@ -4,7 +4,7 @@
  * can go around the API gateway. With the secret, the caller that the API gateway names in
  * `x-consumer` reaches services as `ctx.meta.consumer`.
  *
- *     const door = SharedSecretMiddleware({ secrets: process.env.SHARED_SECRET });
+ *     const door = SharedSecretMiddleware({ secrets: "new,old", publicPaths: "GET /health" });
  *     const broker = new ServiceBroker({ middlewares: [door] });
  *
  * It imports nothing from its project, so you can copy it alone: moleculer 0.14 or 0.15,
@@ -19,13 +19,13 @@ import type { ServiceSchema } from "moleculer";
 import * as MoleculerWeb from "moleculer-web";
 
 export type SharedSecretOptions = {
-	/** The secret, or several while you rotate ("new,old" or a list). Entry 1 is the current one. */
+	/** The secret, or several while you rotate ("new,old" or a list): entry 1 is current. */
 	secrets: string | readonly string[] | undefined;
 	/** "METHOD /exact/path" entries that need no secret, as a list or comma-separated. */
 	publicPaths?: string | readonly string[] | undefined;
-	/** How often the rotation report logs which entries are in use, in seconds (60). */
+	/** How often the rotation report logs which entries are in use (60 s). */
 	reportSeconds?: number | undefined;
-	/** How long an entry after the first must go unused to be called removable, in seconds (600). */
+	/** How long an entry after the first goes unused before it is called removable (600 s). */
 	quietSeconds?: number | undefined;
 };
 
@@ -64,21 +64,18 @@ type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) =>
 
 // moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
 // CommonJS build without esModuleInterop sees them as the module itself.
-type GatewayErrors = {
-	UnAuthorizedError: new (type: string, data: unknown) => Error;
-	ERR_NO_TOKEN: string;
-	ERR_INVALID_TOKEN: string;
-};
-const moleculerWeb = MoleculerWeb as unknown as { default?: { Errors: GatewayErrors } };
-const Errors =
-	(moleculerWeb.default ?? (MoleculerWeb as unknown as { Errors: GatewayErrors })).Errors;
+type ErrorClass = new (type: string, data: unknown) => Error;
+type WebErrors =
+	& { UnAuthorizedError: ErrorClass }
+	& Record<"ERR_NO_TOKEN" | "ERR_INVALID_TOKEN", string>;
+const web = MoleculerWeb as unknown as { Errors: WebErrors; default?: { Errors: WebErrors } };
+const Errors = (web.default ?? web).Errors;
 
 export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
 	if (!options || "createService" in options) {
-		throw configError(
-			"SharedSecretMiddleware must be called: middlewares: [SharedSecretMiddleware({ secrets })]",
-		);
+		const call = "middlewares: [SharedSecretMiddleware({ secrets })]";
+		throw configError(`SharedSecretMiddleware must be called: ${call}`);
 	}
 	// Every option is checked here, at the call, so a weak secret stops the process at start.
 	let secrets = readSecrets(options.secrets);
@@ -256,9 +253,9 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			return (cmd, packet) => {
 				const action = cmd === "REQ" ? packet?.payload?.action : undefined;
 				if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
-				logger?.warn(
-					`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`,
-				);
+				const line =
+					`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`;
+				logger?.warn(line);
 				return Promise.resolve(false);
 			};
 		} as never,
@@ -291,9 +288,9 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			secrets = next;
 			report?.rotated();
 			const entries = `${next.length} ${next.length === 1 ? "entry" : "entries"}`;
-			logger?.info(
-				`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`,
-			);
+			const line =
+				`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`;
+			logger?.info(line);
 		},
 	};
 }
@@ -309,13 +306,12 @@ function createRefusals() {
 			"Content-Length": String(Buffer.byteLength(body)),
 			"WWW-Authenticate": CHALLENGE,
 		};
-		const fields = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`);
-		const asBytes = `HTTP/1.1 401 Unauthorized\r\n${
-			fields.join("")
-		}Connection: close\r\n\r\n${body}`;
-		const http2Head = Object.fromEntries(
-			Object.entries(head).map(([n, v]) => [n.toLowerCase(), v]),
+		const fields = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`).join(
+			"",
 		);
+		const asBytes = `HTTP/1.1 401 Unauthorized\r\n${fields}Connection: close\r\n\r\n${body}`;
+		const lowerCase = Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]);
+		const http2Head = Object.fromEntries(lowerCase);
 		return { error, body, head, asBytes, http2Head };
 	};
 	return {
@@ -544,8 +540,8 @@ function createReport(broker: ServiceBroker, tally: Tally, everyMs: number, quie
 			const used = tally.accepted[index]! - (reported.accepted[index] ?? 0);
 			if (used > 0) {
 				announcedQuiet[index] = false;
-				const last = new Date(lastSeen).toISOString();
-				log(`${entry} is still in use: ${used} requests in ${period}, the last at ${last}.`);
+				const last = `the last at ${new Date(lastSeen).toISOString()}`;
+				log(`${entry} is still in use: ${used} requests in ${period}, ${last}.`);
 			} else if (Date.now() - (lastSeen || since) >= quietAfterMs && !announcedQuiet[index]) {
 				announcedQuiet[index] = true;
 				log(`no request has used ${entry} for ${quietFor}; it can be removed.`);

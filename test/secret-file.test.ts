@@ -138,7 +138,7 @@ test(
 		try {
 			// A bad version: too short. Kept, and said once, however many reads see it.
 			writeFileSync(path, "short-secret");
-			const bad = /changed; the door keeps its secrets: .*is 12 characters/;
+			const bad = /: the door keeps its secrets: .*is 12 characters/;
 			await waitFor(
 				() => lines(bad).length === 1,
 				"the bad version's line",
@@ -155,7 +155,7 @@ test(
 			);
 			// Deleted: kept, said once.
 			rmSync(path);
-			const gone = /is gone; the door keeps its secrets\./;
+			const gone = /: the door keeps its secrets: the file is gone\./;
 			await waitFor(
 				() => lines(gone).length === 1,
 				"the deleted file's line",
