@@ -331,8 +331,13 @@ test("a service that forwards the copied headers with http.request sends neither
 	}
 });
 
-test("HTTP/2: refused without the secret, with a short log line whatever the method", async () => {
+test("HTTP/2: refused without the secret, a raw stream listener included, with short log lines", async () => {
 	const started = await start({ http2: true });
+	// A listener of raw HTTP/2 streams, beside moleculer-web's.
+	const streamsSeen: unknown[] = [];
+	started.server.on("stream", (_stream: unknown, headers: Record<string, unknown>) => {
+		streamsSeen.push(headers["x-shared-secret"]);
+	});
 	const client = http2.connect(started.base);
 	const ask = (headers: http2.OutgoingHttpHeaders) =>
 		new Promise<{ status: number; body: string }>((resolve, reject) => {
@@ -352,6 +357,7 @@ test("HTTP/2: refused without the secret, with a short log line whatever the met
 		for (let i = 0; i < 5; i++) {
 			assert.equal((await ask({ ":path": "/api/hello", ":method": longMethod })).status, 401);
 		}
+		assert.deepEqual(streamsSeen, [undefined], "only the stream with the secret, wiped");
 		const refusals = started.lines.filter((line) => line.includes("<= 401"));
 		assert.equal(refusals.length, 6);
 		for (const line of refusals) assert.ok(line.length < 300, `${line.length} characters`);

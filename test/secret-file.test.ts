@@ -239,3 +239,45 @@ test("setSecrets, the call for a vault: new secrets at once, a bad set refused a
 		await broker.stop();
 	}
 });
+
+test("after setSecrets, an entry keeps its count only if its position holds the same secret", async () => {
+	const door = SharedSecretMiddleware({ secrets: SECRET });
+	const broker = new ServiceBroker({
+		logger: false,
+		metrics: { enabled: true },
+		middlewares: [door],
+	});
+	const gateway = broker.createService({
+		name: "gateway",
+		mixins: [ApiGateway],
+		settings: {
+			port: 0,
+			ip: "127.0.0.1",
+			routes: [{ path: "/", aliases: { "GET /api/protected": "$node.health" } }],
+		},
+	}) as unknown as { server: import("node:http").Server };
+	await broker.start();
+	const url = `http://127.0.0.1:${(gateway.server.address() as { port: number }).port}`;
+	const accepted = (entry: number) =>
+		broker.metrics.getMetric("shared_secret.accepted.total")?.get({ entry })?.value ?? 0;
+	// The door copies its counts into the metrics once a second.
+	const afterCopy = () => new Promise((resolve) => setTimeout(resolve, 1200));
+	try {
+		await status(url, SECRET);
+		await status(url, SECRET);
+		door.setSecrets([SECRET, NEW_SECRET]);
+		await status(url, NEW_SECRET);
+		await afterCopy();
+		assert.deepEqual([accepted(1), accepted(2)], [2, 1], "entry 1 kept its count");
+		door.setSecrets([NEW_SECRET, SECRET]);
+		await status(url, SECRET);
+		await afterCopy();
+		assert.deepEqual(
+			[accepted(1), accepted(2)],
+			[0, 1],
+			"both positions changed: counted anew",
+		);
+	} finally {
+		await broker.stop();
+	}
+});
