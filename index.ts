@@ -48,11 +48,11 @@ const door = runsGateway ? createDoorOrExit() : undefined;
 const broker = new ServiceBroker({
 	nodeID: config.nodeID,
 	logLevel: config.logLevel,
-	middlewares: door ? [door] : [],
-	...clusterOptions(config.transporter),
+	middlewares: [...(door ? [door] : []), ...clusterMiddlewares(config.transporter)],
 	metrics: metricsOptions(config.metricsPort),
 	// SIGTERM and SIGINT are handled below, to let HTTP drain before the broker stops.
 	skipProcessEventRegistration: true,
+	...clusterOptions(config.transporter),
 });
 
 const gatewaySchema: ServiceSchema<ApiSettingsSchema> = {
@@ -76,18 +76,14 @@ const gatewaySchema: ServiceSchema<ApiSettingsSchema> = {
 	},
 };
 
-if (runsApi) broker.createService(config.transporter ? withRetries(ApiService) : ApiService);
-const gateway = runsGateway
-	? broker.createService(config.transporter ? inCluster(gatewaySchema) : gatewaySchema)
-	: undefined;
+if (runsApi) broker.createService(ApiService);
+const gateway = runsGateway ? broker.createService(gatewaySchema) : undefined;
 const server = (gateway as { server?: Server } | undefined)?.server; // made with the service
 
 // Before the start, so that no signal finds the process without its handler.
 stopGracefullyOnSignals(server);
 if (door && config.secretFile) watchSecretFile(config.secretFile, door);
-const joinDeadline = config.transporter ? failFastUntilJoined(config.transporter) : undefined;
-await broker.start();
-clearTimeout(joinDeadline);
+await startOrFailFast(broker);
 
 // Ready means ready: every service has started, `api` is reachable and the gateway listens, so
 // the first request after this line gets its real answer. PORT=0 picks a free port; the line
@@ -202,23 +198,26 @@ function readTransporter(url: string): BrokerOptions["transporter"] {
 	return { type: "NATS", options: { url, token: config.natsToken, reconnectTimeWait: 500 } };
 }
 
-// A call lost with a dying node is retried on another, for the actions that service.ts lists.
-function withRetries(schema: typeof ApiService): typeof ApiService {
-	const actions = { ...schema.actions } as Record<string, object>;
-	for (const name of retrySafeActions) {
-		const action = typeof actions[name] === "function"
-			? { handler: actions[name] }
-			: actions[name];
-		actions[name] = { ...action, retryPolicy: { enabled: true } };
+// In a cluster, the services change as they are created. A call lost with a dying node is retried
+// on another, for the actions that service.ts lists. A gateway-only node listens once `api` can
+// answer from another node, and answers 503 when no api node is left.
+function clusterMiddlewares(url: string | undefined) {
+	if (!url) return [];
+	function serviceCreating(_service: Service, schema: ServiceSchema) {
+		if (schema.name === "api") {
+			const actions = { ...schema.actions } as Record<string, object>;
+			for (const name of retrySafeActions) {
+				const action = actions[name] as object | (() => unknown);
+				const asObject = typeof action === "function" ? { handler: action } : action;
+				actions[name] = { ...asObject, retryPolicy: { enabled: true } };
+			}
+			schema.actions = actions;
+		} else if (schema.name === "gateway") {
+			schema.dependencies = runsApi ? [] : ["api"];
+			schema.hooks = { ...schema.hooks, error: { rest: waitForApiOr503 } };
+		}
 	}
-	return { ...schema, actions };
-}
-
-// A gateway-only node listens once `api` can answer from another node, and answers 503 when
-// no api node is left.
-function inCluster<T extends ServiceSchema<ApiSettingsSchema>>(schema: T): T {
-	const hooks = { error: { rest: waitForApiOr503 } };
-	return { ...schema, dependencies: runsApi ? [] : ["api"], hooks };
+	return [{ serviceCreating }];
 }
 
 // With no api node known, Moleculer's "service not available" becomes moleculer-web's 404. This
@@ -244,6 +243,12 @@ type Meta = { $responseHeaders?: Record<string, string> };
 // listen. A credentials error ends the node at once, any other after 30 s from the process's
 // start. One line, without the password or token, and exit 1. (On Deno, the NATS client can
 // also throw an uncaught socket error while refused: until connected, that ends it the same way.)
+async function startOrFailFast(broker: ServiceBroker) {
+	const deadline = config.transporter ? failFastUntilJoined(config.transporter) : undefined;
+	await broker.start();
+	clearTimeout(deadline);
+}
+
 function failFastUntilJoined(url: string): ReturnType<typeof setTimeout> {
 	const joinSeconds = 30;
 	let lastError = "no answer";
