@@ -1,10 +1,7 @@
 /**
  * The origin: one Moleculer broker, the door (middleware.ts) in front of a moleculer-web gateway,
- * and the page's `api` service behind it (service.ts). `npm start` runs it; docs/run-and-deploy.md
- * gives the other ways.
- *
- * The first block reads every environment variable. Then comes the page's promise, and below
- * it the production extras, each a named part: the secret file, the cluster, metrics and stop.
+ * and the page's `api` service behind it (service.ts). The first block reads every environment
+ * variable; then comes the page's promise; below it, the production extras, each a named part.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
@@ -64,8 +61,7 @@ const gatewaySchema: ServiceSchema<ApiSettingsSchema> = {
 		routes: [{
 			path: "/",
 			// Only these aliases are served: "restrict" keeps Moleculer's internal actions
-			// ($node.list, ...) off HTTP, even for callers with the secret. Declared aliases
-			// exist at once, where autoAliases would answer 404 for a moment.
+			// ($node.list, ...) off HTTP, even for callers with the secret.
 			mappingPolicy: "restrict",
 			aliases: {
 				"GET /api/protected": "api.protectedAction",
@@ -85,9 +81,8 @@ stopGracefullyOnSignals(server);
 if (door && config.secretFile) watchSecretFile(config.secretFile, door);
 await startOrFailFast(broker);
 
-// Ready means ready: every service has started, `api` is reachable and the gateway listens, so
-// the first request after this line gets its real answer. PORT=0 picks a free port; the line
-// says which, and which runtime you really started.
+// Ready means ready: the first request after this line gets its real answer. The line names the
+// port (PORT=0 picks a free one) and the runtime you really started.
 const { deno, bun } = process.versions as { deno?: string; bun?: string };
 const runtime = deno ? `Deno ${deno}` : bun ? `Bun ${bun}` : `Node ${process.version}`;
 if (server) {
@@ -142,17 +137,14 @@ function readSecretFile(path: string): string {
 	}
 }
 
-// The file is read again every second and on SIGHUP. A read costs one small file and no work
-// per request, and it sees every kind of change alike: an editor's rewrite, and Kubernetes
-// pointing its `..data` link at a new folder. A bad or missing file keeps the secrets the door
-// has, with one line per bad version.
+// The watching lives here, not in the door: the door reads no file, so a project with a vault
+// hands it secrets with setSecrets. The file is read every second and on SIGHUP, which costs no
+// work per request and sees every change alike: an editor's rewrite, or Kubernetes pointing its
+// `..data` link at a new folder. A bad or missing file keeps the secrets, with one line for each.
 function watchSecretFile(path: string, door: ReturnType<typeof SharedSecretMiddleware>) {
-	let lastSeen: string | undefined = readSecretFile(path);
+	let lastSeen: string | void = readSecretFile(path);
 	async function reread() {
-		const contents = await readFile(path, "utf8").then(
-			(text) => text.trimEnd(),
-			() => undefined,
-		);
+		const contents = await readFile(path, "utf8").then((text) => text.trimEnd(), () => {});
 		if (contents === lastSeen) return;
 		lastSeen = contents;
 		try {
@@ -177,7 +169,7 @@ function clusterOptions(url: string | undefined): Partial<BrokerOptions> {
 	return {
 		transporter: readTransporter(url),
 		requestTimeout: 500,
-		// Only the actions withRetries() marks are retried: a write may have run already.
+		// Only the actions clusterMiddlewares() marks are retried: a write may have run already.
 		retryPolicy: { enabled: false, retries: 5, delay: 100, maxDelay: 1000, factor: 2 },
 		disableBalancer: url.startsWith("nats://"),
 		heartbeatInterval: 2,
@@ -220,6 +212,9 @@ function clusterMiddlewares(url: string | undefined) {
 	return [{ serviceCreating }];
 }
 
+type Waited = { waitedForApi?: boolean };
+type Meta = { $responseHeaders?: Record<string, string> };
+
 // With no api node known, Moleculer's "service not available" becomes moleculer-web's 404. This
 // waits up to 2 s for one and routes the request again, once; else a 503 with Retry-After,
 // which a load balancer reads as "try another origin, or again shortly".
@@ -236,8 +231,6 @@ async function waitForApiOr503(this: Service, ctx: Context<Waited, Meta>, error:
 	const message = "No api node is available; try again shortly.";
 	throw new Errors.MoleculerServerError(message, 503, "SERVICE_UNAVAILABLE");
 }
-type Waited = { waitedForApi?: boolean };
-type Meta = { $responseHeaders?: Record<string, string> };
 
 // Moleculer retries a transporter it cannot reach forever, and a gateway node would never
 // listen. A credentials error ends the node at once, any other after 30 s from the process's
