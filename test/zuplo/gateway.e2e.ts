@@ -35,7 +35,7 @@ const CONSUMER = "acme-corp";
  * undocumented variables: ZUPLO_API_KEY_SERVICE_BUCKET_NAME, __ZUPLO_EDGE_API_URL
  * (this server) and __ZUPLO_AUTH_API_JWT. Its contract, as that version speaks
  * it: POST /v3/key-auth/validate with {"key", "bucketName"}; the answer is
- * {"authorized": true, "id", "name", "metadata"} (name becomes request.user.sub)
+ * {"authorized": true, "id", "name", "metadata"} (the name becomes the consumer)
  * or {"authorized": false}. Internal, so zuplo is pinned in package.json, and
  * the suite fails if the stand-in is never called: an upgrade that changes the
  * contract cannot pass unnoticed. It also answers Zuplo's request metrics
