@@ -306,10 +306,10 @@ function createRefusals() {
 			"Content-Length": String(Buffer.byteLength(body)),
 			"WWW-Authenticate": CHALLENGE,
 		};
-		const fields = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`).join(
-			"",
-		);
-		const asBytes = `HTTP/1.1 401 Unauthorized\r\n${fields}Connection: close\r\n\r\n${body}`;
+		const fields = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`);
+		const fieldLines = fields.join("");
+		const asBytes =
+			`HTTP/1.1 401 Unauthorized\r\n${fieldLines}Connection: close\r\n\r\n${body}`;
 		const lowerCase = Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]);
 		const http2Head = Object.fromEntries(lowerCase);
 		return { error, body, head, asBytes, http2Head };
