@@ -205,9 +205,14 @@ test("SIGHUP reads the file again at once", { timeout: 60_000 }, async () => {
 	}
 });
 
-test("setSecrets, the call for a vault: new secrets at once, a bad set refused and the old kept", async () => {
+/** A broker with the door and a gateway in this process, for the calls a vault makes. */
+async function startInProcess(metrics: boolean) {
 	const door = SharedSecretMiddleware({ secrets: SECRET });
-	const broker = new ServiceBroker({ logger: false, middlewares: [door] });
+	const broker = new ServiceBroker({
+		logger: false,
+		metrics: { enabled: metrics },
+		middlewares: [door],
+	});
 	broker.createService({ name: "api", actions: { protectedAction: () => "ok" } });
 	const gateway = broker.createService({
 		name: "gateway",
@@ -220,6 +225,11 @@ test("setSecrets, the call for a vault: new secrets at once, a bad set refused a
 	}) as unknown as { server: import("node:http").Server };
 	await broker.start();
 	const url = `http://127.0.0.1:${(gateway.server.address() as { port: number }).port}`;
+	return { door, broker, url };
+}
+
+test("setSecrets, the call for a vault: new secrets at once, a bad set refused and the old kept", async () => {
+	const { door, broker, url } = await startInProcess(false);
 	try {
 		door.setSecrets([NEW_SECRET, SECRET]);
 		assert.deepEqual(
@@ -241,23 +251,7 @@ test("setSecrets, the call for a vault: new secrets at once, a bad set refused a
 });
 
 test("after setSecrets, an entry keeps its count only if its position holds the same secret", async () => {
-	const door = SharedSecretMiddleware({ secrets: SECRET });
-	const broker = new ServiceBroker({
-		logger: false,
-		metrics: { enabled: true },
-		middlewares: [door],
-	});
-	const gateway = broker.createService({
-		name: "gateway",
-		mixins: [ApiGateway],
-		settings: {
-			port: 0,
-			ip: "127.0.0.1",
-			routes: [{ path: "/", aliases: { "GET /api/protected": "$node.health" } }],
-		},
-	}) as unknown as { server: import("node:http").Server };
-	await broker.start();
-	const url = `http://127.0.0.1:${(gateway.server.address() as { port: number }).port}`;
+	const { door, broker, url } = await startInProcess(true);
 	const accepted = (entry: number) =>
 		broker.metrics.getMetric("shared_secret.accepted.total")?.get({ entry })?.value ?? 0;
 	// The door copies its counts into the metrics once a second.
