@@ -7,21 +7,32 @@
  *     const door = SharedSecretMiddleware({ secrets: "new,old", publicPaths: "GET /health" });
  *     const broker = new ServiceBroker({ middlewares: [door] });
  *
- * It imports nothing from its project, so you can copy it alone: moleculer 0.14 or 0.15,
- * moleculer-web 0.10 or 0.11, standalone or in Express (`app.use(door.express())`).
+ * It imports nothing from its project, so you can copy it alone.
+ * Provenance: middleware.ts of the moleculer-shared-secret-origin template, tested with
+ * moleculer 0.15.2 + moleculer-web 0.11.0 and 0.14.36 + 0.10.8, on Node 22 and 24, Deno 2,
+ * Bun 1, and in Express 4 and 5. Compare a copy with a newer template before you update it.
+ *
+ * The file reads in four parts: what the page promises (the options, the check, the
+ * comparison, the 401); the edges, each way into the server; the options, checked at the call;
+ * the rotation report.
  */
 import { timingSafeEqual } from "node:crypto";
-import { IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { ServerHttp2Stream } from "node:http2";
 import type { Duplex } from "node:stream";
 import type { ActionHandler, ActionSchema, Context, Service, ServiceBroker } from "moleculer";
 import type { ServiceSchema } from "moleculer";
 import * as MoleculerWeb from "moleculer-web";
 
+// ==== 1. What the page promises: the options, the check, the comparison, the 401 ============
+
 export type SharedSecretOptions = {
 	/** The secret, or several while you rotate ("new,old" or a list): entry 1 is current. */
 	secrets: string | readonly string[] | undefined;
-	/** "METHOD /exact/path" entries that need no secret, as a list or comma-separated. */
+	/**
+	 * "METHOD /exact/path" items that need no secret, as a list or comma-separated. They open
+	 * plain requests only: an upgrade or a CONNECT needs the secret whatever its path.
+	 */
 	publicPaths?: string | readonly string[] | undefined;
 	/** How often the rotation report logs which entries are in use (60 s). */
 	reportSeconds?: number | undefined;
@@ -39,19 +50,11 @@ const CONSUMER_HEADER = "x-consumer";
 const COMPARE_WIDTH = 256;
 // RFC 9110 §15.5.2: a 401 carries a challenge. It is no standard scheme: it names the header.
 const CHALLENGE = `SharedSecret header="${HEADER}"`;
-// The caller chose the method and the URL, so a refusal's log line holds only this much of each.
-const LOGGED_LENGTH = 120;
-// The door marks each request it let in with the URL it checked, and the consumer.
-const CHECKED_URL = Symbol("SharedSecretMiddleware checked URL");
-const CONSUMER = Symbol("SharedSecretMiddleware consumer");
 
-type Reason = "missing" | "invalid";
-type Marks = { [CHECKED_URL]?: string | undefined; [CONSUMER]?: string | undefined };
-type Request = IncomingMessage & Marks & { stream?: Stream };
-type Response = ServerResponse;
-type Stream = ServerHttp2Stream & Marks;
-type Headers = Record<string, unknown>;
-type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
+/** What the door let in: the method and the URL it checked, and the API gateway's consumer. */
+type Admission = { method: string; url: string; consumer: string | undefined };
+/** Why the door turned a request away, with its answer prebuilt for each kind of connection. */
+type Refusal = ReturnType<typeof createRefusal>;
 type Gateway = Service & {
 	settings: { onError?: unknown; logResponse?: string | null };
 	server?: Server | null;
@@ -61,6 +64,9 @@ type Gateway = Service & {
 	httpHandler(req: Request, res: Response, next?: unknown): unknown;
 };
 type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
+type Headers = Record<string, unknown>;
+type Request = IncomingMessage & { stream?: ServerHttp2Stream; baseUrl?: string };
+type Response = ServerResponse;
 
 // moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
 // CommonJS build without esModuleInterop sees them as the module itself.
@@ -71,254 +77,26 @@ type WebErrors =
 const web = MoleculerWeb as unknown as { Errors: WebErrors; default?: { Errors: WebErrors } };
 const Errors = (web.default ?? web).Errors;
 
-export function SharedSecretMiddleware(options: SharedSecretOptions) {
-	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
-	if (!options || "createService" in options) {
-		const call = "middlewares: [SharedSecretMiddleware({ secrets })]";
-		throw configError(`SharedSecretMiddleware must be called: ${call}`);
-	}
-	// Every option is checked here, at the call, so a weak secret stops the process at start.
-	let secrets = readSecrets(options.secrets);
-	let whichSecret = createSecretMatcher(secrets);
-	const publicRoutes = readPublicPaths(options.publicPaths);
-	const reportEveryMs = readSeconds("reportSeconds", options.reportSeconds ?? 60) * 1000;
-	const quietAfterMs = readSeconds("quietSeconds", options.quietSeconds ?? 600) * 1000;
-	const tally = createTally(secrets.length);
-	const refusals = createRefusals();
-	const gateways: Gateway[] = [];
-	const routeActions = new Set<string>();
-	let logger: ServiceBroker["logger"] | undefined;
-	let report: ReturnType<typeof createReport> | undefined;
-
-	// The door itself. It wipes both headers first, so no code after it ever sees them, and
-	// marks the request with the URL it checked. Then it lets the request in, or says why not.
-	function check(req: Marks, headers: Headers, raw: string[], method: unknown, url: string) {
-		const presented = headers[HEADER];
-		const consumer = headers[CONSUMER_HEADER];
-		if (presented !== undefined || consumer !== undefined) wipeHeaders(req, headers, raw);
-		req[CHECKED_URL] = url;
-		// A public route matches the method and the exact path before "?": no prefix, decoding
-		// or normalising, so "/health/../x", "//health" and "/health/" are not "/health".
-		if (publicRoutes.size !== 0) {
-			const query = url.indexOf("?");
-			if (publicRoutes.has(`${method} ${query === -1 ? url : url.slice(0, query)}`)) {
-				return true;
-			}
-		}
-		const entry = presented ? whichSecret(presented) : 0;
-		if (entry === 0) return presented ? "invalid" : "missing";
-		tally.accepted[entry - 1]! += 1;
-		tally.lastSeen[entry - 1] = Date.now();
-		// Only with the secret is the consumer the API gateway's word.
-		if (typeof consumer === "string" && consumer) req[CONSUMER] = consumer;
-		return true;
-	}
-	const checkRequest = (req: Request) =>
-		check(req, req.headers, req.rawHeaders, req.method, req.url ?? "");
-
-	// Each event of a gateway's server that starts a request meets the door before any
-	// listener: moleculer-web's, socket.io's, a WebSocket server's, whatever comes later.
-	function guardServer(server: Server, gateway: Gateway) {
-		const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
-		server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
-			if (event === "request" || event === "checkContinue") {
-				const [req, res] = args as [Request, Response];
-				// An HTTP/2 request met the door as its stream (below), and takes its marks.
-				if (req.stream) {
-					req[CHECKED_URL] = req.stream[CHECKED_URL];
-					req[CONSUMER] = req.stream[CONSUMER];
-				} else {
-					const verdict = checkRequest(req);
-					if (verdict !== true) return refuse(gateway, verdict, req, res);
-				}
-			} else if (event === "upgrade" || event === "connect") {
-				// An upgrade's socket gets the same 401 as bytes, and closes.
-				const [req, socket] = args as [Request, Duplex];
-				const verdict = checkRequest(req);
-				if (verdict !== true) {
-					socket.end(refused(gateway, verdict, req.method, req.url).asBytes);
-					return true;
-				}
-			} else if (event === "stream") {
-				const [stream, headers, , raw] = args as [Stream, Headers, unknown, string[]];
-				const method = headers[":method"];
-				const path = String(headers[":path"]);
-				const verdict = check(stream, headers, raw ?? [], method, path);
-				if (verdict !== true) {
-					const refusal = refused(gateway, verdict, method, path);
-					stream.respond({ ":status": 401, ...refusal.http2Head });
-					stream.end(refusal.body);
-					return true;
-				}
-			}
-			return emit.call(this, event, ...args);
-		} as Server["emit"];
-		// Node answers `Expect: 100-continue` with "100 Continue" unless something listens for
-		// checkContinue. This listener does what Node would, after the door. (HTTP/2 servers
-		// listen for streams, and send no "100 Continue" on their own.)
-		if (server.listenerCount("checkContinue") + server.listenerCount("stream") === 0) {
-			server.on("checkContinue", (req: Request, res: Response) => {
-				res.writeContinue();
-				server.emit("request", req, res);
-			});
-		}
-	}
-
-	// Counts a refusal, and logs one short line, as moleculer-web logs each response.
-	function refused(gateway: Gateway | undefined, reason: Reason, method: unknown, url: unknown) {
-		tally[reason] += 1;
-		const level = gateway ? gateway.settings.logResponse : "info";
-		const log = gateway?.logger ?? logger;
-		if (log && (level === "info" || level === "warn" || level === "debug")) {
-			log[level](`<= 401 ${cut(method)} ${cut(url)}`);
-		}
-		return refusals[reason];
-	}
-
-	// Writes the 401. `true` tells moleculer-web that the request is answered.
-	function refuse(gateway: Gateway | undefined, reason: Reason, req: Request, res: Response) {
-		const { head, body, error } = refused(gateway, reason, req.method, req.url);
-		const closing = stopReadingBody(req);
-		if (typeof gateway?.settings.onError !== "function") {
-			res.writeHead(401, closing ? { ...head, Connection: "close" } : head).end(body);
-			return true;
-		}
-		// A gateway `onError` gets a copy, so what it changes stays with this request.
-		res.setHeader("WWW-Authenticate", CHALLENGE);
-		if (closing) res.setHeader("Connection", "close");
-		const copy = Object.assign(Object.create(Object.getPrototypeOf(error)), error);
-		gateway.sendError(req, res, Object.assign(copy, { message: error.message }));
-		return true;
-	}
-
-	// ==== The door ends here. Below: where it hooks into Moleculer, and its methods.
-
-	// No `name`: moleculer 0.14 types a middleware as hooks only.
-	return {
-		created(broker: ServiceBroker) {
-			logger = broker.logger;
-			report = createReport(broker, tally, reportEveryMs, quietAfterMs);
-			const listed = [...publicRoutes].join(", ") || "none";
-			logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
-			if (secrets.length > 1) report.announce();
-		},
-
-		// Route management answers services on this node only (see keepRoutesLocal).
-		serviceCreating(_service: Service, schema: ServiceSchema) {
-			if (isGateway(schema)) keepRoutesLocal(schema);
-		},
-
-		// A gateway's server exists once its `created` has run: the door goes in front of it.
-		// With `server: false`, your own server or Express calls httpHandler, and meets the door
-		// there, unless the server's door or door.express() has let the request in already.
-		serviceCreated(service: Service) {
-			if (!isGateway(service.schema)) return;
-			const gateway = service as Gateway;
-			gateways.push(gateway);
-			routeActions.add(`${gateway.fullName}.addRoute`).add(`${gateway.fullName}.removeRoute`);
-			if (gateway.server) guardServer(gateway.server, gateway);
-			const httpHandler = gateway.httpHandler;
-			gateway.httpHandler = function httpHandlerAfterTheDoor(req, res, next) {
-				const verdict = req[CHECKED_URL] === undefined ? checkRequest(req) : true;
-				if (verdict !== true) return refuse(gateway, verdict, req, res);
-				// Mounted in Express, the gateway routes the URL below its mount point.
-				req[CHECKED_URL] = req.url ?? "";
-				return httpHandler.call(this, req, res, next);
-			};
-		},
-
-		// moleculer-web routes each request in its private `rest` action, and a broker
-		// retryPolicy calls it again with the URL it has rewritten. This puts back the URL the
-		// door checked, and refuses a request that never met the door.
-		localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
-			const { rawName, service } = action as ActionSchema & { rawName?: string };
-			if (rawName !== "rest" || !isGateway(service?.schema)) return next;
-			return function restAfterTheDoor(this: Service, ctx: Context) {
-				const { req, res } = ctx.params as { req: Request; res: Response };
-				const url = req[CHECKED_URL];
-				if (url === undefined) {
-					return Promise.resolve(refuse(undefined, "missing", req, res));
-				}
-				req.url = url;
-				const consumer = req[CONSUMER];
-				// A meta object of its own: moleculer-web may share one (rootCallOptions.meta).
-				if (consumer !== undefined) ctx.meta = { ...ctx.meta, consumer };
-				return next.call(this, ctx);
-			};
-		},
-
-		// Moleculer hands this hook every packet from the transporter, before any action. (Its
-		// 0.15 types say the hook returns a Promise; it returns the handler, as in 0.14.)
-		transitMessageHandler: function dropRouteCalls(next: PacketHandler): PacketHandler {
-			return (cmd, packet) => {
-				const action = cmd === "REQ" ? packet?.payload?.action : undefined;
-				if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
-				const line =
-					`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`;
-				logger?.warn(line);
-				return Promise.resolve(false);
-			};
-		} as never,
-
-		started(broker: ServiceBroker) {
-			warnOfUnmatchedPublicPaths(broker.logger, publicRoutes, gateways);
-			return Promise.resolve(report?.start());
-		},
-
-		stopped: () => Promise.resolve(report?.stop()),
-
-		/** For an Express app: `app.use(door.express())`, before every other middleware. */
-		express() {
-			return function sharedSecretDoor(req: Request, res: Response, next: () => void) {
-				const verdict = checkRequest(req);
-				if (verdict === true) next();
-				else refuse(undefined, verdict, req, res);
-			};
-		},
-
-		/**
-		 * Replaces the secrets while the origin runs, given as the `secrets` option is. If the new
-		 * ones fail its checks, it throws and changes nothing. (`unknown`: moleculer 0.14 types
-		 * every member of a middleware as a hook.)
-		 */
-		setSecrets(replacement: unknown) {
-			const next = readSecrets(replacement);
-			whichSecret = createSecretMatcher(next);
-			keepCountsOfUnchangedEntries(tally, secrets, next);
-			secrets = next;
-			report?.rotated();
-			const entries = `${next.length} ${next.length === 1 ? "entry" : "entries"}`;
-			const line =
-				`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`;
-			logger?.info(line);
-		},
+// moleculer-web's own UnAuthorizedError and its JSON body, with the head that each kind of
+// connection needs: built once, as every refusal of one kind is the same.
+function createRefusal(reason: "missing" | "invalid", message: string, type: string) {
+	const error = Object.assign(new Errors.UnAuthorizedError(type, undefined), { message });
+	const body = JSON.stringify({ name: error.name, message, code: 401, type });
+	const head = {
+		"Content-Type": "application/json; charset=utf-8",
+		"Content-Length": String(Buffer.byteLength(body)),
+		"WWW-Authenticate": CHALLENGE,
 	};
+	const closingHead = { ...head, Connection: "close" };
+	// An upgrade's socket has no response object: the 401 goes out as bytes.
+	const fields = Object.entries(closingHead).map(([name, value]) => `${name}: ${value}\r\n`);
+	const bytes = `HTTP/1.1 401 Unauthorized\r\n${fields.join("")}\r\n${body}`;
+	const lowerCase = Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]);
+	const http2Head = { ":status": 401, ...Object.fromEntries(lowerCase) };
+	return { reason, error, body, head, closingHead, bytes, http2Head };
 }
-
-// moleculer-web's own UnAuthorizedError, in its JSON error shape, as each kind of reply needs it.
-function createRefusals() {
-	const build = (message: string, type: string) => {
-		const error = new Errors.UnAuthorizedError(type, undefined);
-		error.message = message;
-		const body = JSON.stringify({ name: error.name, message, code: 401, type });
-		const head = {
-			"Content-Type": "application/json; charset=utf-8",
-			"Content-Length": String(Buffer.byteLength(body)),
-			"WWW-Authenticate": CHALLENGE,
-		};
-		const fields = Object.entries(head).map(([name, value]) => `${name}: ${value}\r\n`);
-		const fieldLines = fields.join("");
-		const asBytes =
-			`HTTP/1.1 401 Unauthorized\r\n${fieldLines}Connection: close\r\n\r\n${body}`;
-		const lowerCase = Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]);
-		const http2Head = Object.fromEntries(lowerCase);
-		return { error, body, head, asBytes, http2Head };
-	};
-	return {
-		missing: build("No secret provided", Errors.ERR_NO_TOKEN),
-		invalid: build("Invalid secret", Errors.ERR_INVALID_TOKEN),
-	};
-}
+const NO_SECRET = createRefusal("missing", "No secret provided", Errors.ERR_NO_TOKEN);
+const WRONG_SECRET = createRefusal("invalid", "Invalid secret", Errors.ERR_INVALID_TOKEN);
 
 /**
  * Tells, in constant time and never throwing, which of `secrets` a value is: its entry number
@@ -348,49 +126,366 @@ export function createSecretMatcher(secrets: readonly string[]): (presented: unk
 	};
 }
 
-// Node builds headersDistinct on first use and keeps it under a symbol, and builds headers and
-// headersDistinct from rawHeaders up to a count under another. The door finds both by name.
-const probe = new IncomingMessage(null as never);
-void probe.headersDistinct;
-const symbolNamed = (name: string) =>
-	Object.getOwnPropertySymbols(probe).find((symbol) => symbol.description === name);
-const DISTINCT = symbolNamed("kHeadersDistinct");
-const RAW_COUNT = symbolNamed("kHeadersCount");
+export function SharedSecretMiddleware(options: SharedSecretOptions) {
+	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
+	if (!options || "createService" in options) {
+		const call = "middlewares: [SharedSecretMiddleware({ secrets })]";
+		throw configError(`SharedSecretMiddleware must be called: ${call}`);
+	}
+	// Every option is checked here, at the call, so a weak secret stops the process at start.
+	let secrets = readSecrets(options.secrets);
+	let whichSecret = createSecretMatcher(secrets);
+	const publicPaths = readPublicPaths(options.publicPaths);
+	const reportSeconds = readSeconds("reportSeconds", options.reportSeconds ?? 60);
+	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
+	// This door's own mark: another door in the same process neither sees nor sets it.
+	const admitted = Symbol("SharedSecretMiddleware admitted");
+	type Marked = { [admitted]?: Admission };
+	const tally = createTally(secrets.length);
+	const gateways: Gateway[] = [];
+	const routeActions = new Set<string>();
+	let logger: ServiceBroker["logger"] | undefined;
+	let report: ReturnType<typeof createReport> | undefined;
 
-// Removes both headers from every form of them, so a service that forwards copied headers sends
-// neither. An HTTP/1 request gets a copy of `headers` without them: `delete` would turn it into
-// a slow dictionary (5% a request in moleculer-web). HTTP/2's headers are a dictionary already.
-function wipeHeaders(req: Marks, headers: Headers, raw: string[]) {
-	const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
+	// The door itself. It removes both headers first, so no code after it ever sees them. A
+	// request it lets in gets this door's mark; one it turns away gets back the reason.
+	function check(
+		target: Marked,
+		headers: Headers,
+		raw: string[],
+		method: string,
+		url: string,
+		publicPathsApply: boolean,
+	): Refusal | undefined {
+		const presented = headers[HEADER];
+		const consumer = headers[CONSUMER_HEADER];
+		if (presented !== undefined || consumer !== undefined) wipeHeaders(target, headers, raw);
+		// A public path matches the method and the exact path before "?": no prefix, decoding
+		// or normalising, so "/health/../x", "//health" and "/health/" are not "/health".
+		if (publicPathsApply && publicPaths.size !== 0) {
+			const query = url.indexOf("?");
+			if (publicPaths.has(`${method} ${query === -1 ? url : url.slice(0, query)}`)) {
+				target[admitted] = { method, url, consumer: undefined };
+				return undefined;
+			}
+		}
+		if (!presented) return NO_SECRET;
+		const entry = whichSecret(presented);
+		if (entry === 0) return WRONG_SECRET;
+		tally.accepted[entry - 1]! += 1;
+		tally.lastSeen[entry - 1] = Date.now();
+		// Only with the secret is the consumer the API gateway's word.
+		const named = typeof consumer === "string" && consumer !== "" ? consumer : undefined;
+		target[admitted] = { method, url, consumer: named };
+		return undefined;
+	}
+
+	// Writes the 401 to an HTTP/1 request, or an HTTP/2 one through Node's compatibility API.
+	// `true` tells moleculer-web that the request is answered.
+	function rejectRequest(refusal: Refusal, req: Request, res: Response, gateway?: Gateway) {
+		countAndLog(refusal, req.method, req.url, gateway);
+		res.on("error", ignore);
+		const { "content-length": length = "0", "transfer-encoding": chunked } = req.headers;
+		const hasBody = req.httpVersionMajor === 1 && (length !== "0" || chunked !== undefined);
+		// Nobody makes the origin read a refused body: it stops reading it at once.
+		if (hasBody) req.socket?.pause();
+		if (typeof gateway?.settings.onError === "function") {
+			// A gateway `onError` gets a copy, so what it changes stays with this request.
+			res.setHeader("WWW-Authenticate", CHALLENGE);
+			if (hasBody) res.setHeader("Connection", "close");
+			const copy = Object.assign(Object.create(Object.getPrototypeOf(refusal.error)), {
+				...refusal.error,
+				message: refusal.error.message,
+			});
+			gateway.sendError(req, res, copy);
+		} else if (!hasBody || ownHttpStack) {
+			res.writeHead(401, hasBody ? refusal.closingHead : refusal.head).end(refusal.body);
+		} else {
+			// Node would end a `Connection: close` answer by closing at once, and the unread body
+			// would turn the close into a reset that can overtake the 401. So the 401 goes out
+			// whole (its Content-Length says so), and the socket closes a moment later.
+			res.writeHead(401, refusal.closingHead).write(refusal.body);
+			closeWithin(req.socket, LINGER_MS);
+		}
+		return true;
+	}
+
+	// Counts a refusal, and logs one short line, as moleculer-web logs each response.
+	function countAndLog(refusal: Refusal, method: unknown, url: unknown, gateway?: Gateway) {
+		tally[refusal.reason] += 1;
+		const level = gateway ? gateway.settings.logResponse : "info";
+		const log = gateway?.logger ?? logger;
+		if (log && (level === "info" || level === "warn" || level === "debug")) {
+			log[level](`<= 401 ${cut(method)} ${cut(url)}`);
+		}
+	}
+
+	// The request's form of the check, for HTTP/1 and Node's HTTP/2 compatibility API alike.
+	function checkRequest(req: Request & Marked, url: string, publicPathsApply: boolean) {
+		return check(req, req.headers, req.rawHeaders, req.method ?? "", url, publicPathsApply);
+	}
+
+	// The door stands at each way into the server: part 2 below says where, and why.
+	return middleware();
+
+	// ==== 2. The edges: each way into the server, and why the door stands there ============
+
+	// Node starts every request, upgrade, CONNECT and HTTP/2 stream with server.emit, so the
+	// door wraps emit: each one meets the door before any listener (moleculer-web's, socket.io's,
+	// a WebSocket server's, whatever comes later), and the listeners stay as they are.
+	function guardServer(server: Server, gateway: Gateway | undefined) {
+		const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
+		server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
+			if (event === "request" || event === "checkContinue" || event === "checkExpectation") {
+				const req = args[0] as Request & Marked;
+				// One verdict per request: the checkContinue listener below emits `request` again,
+				// and an HTTP/2 request met the door as its stream.
+				if (req[admitted] === undefined) {
+					if (req.stream) req[admitted] = (req.stream as Marked)[admitted];
+					else {
+						const refusal = checkRequest(req, req.url ?? "", true);
+						if (refusal) {
+							return rejectRequest(refusal, req, args[1] as Response, gateway);
+						}
+					}
+				}
+			} else if (event === "upgrade" || event === "connect") {
+				const req = args[0] as Request & Marked;
+				// Public paths open plain requests only: a WebSocket on /health needs the secret.
+				if (req.stream) req[admitted] = (req.stream as Marked)[admitted];
+				else {
+					const refusal = checkRequest(req, req.url ?? "", false);
+					if (refusal) return rejectSocket(refusal, req, args[1] as Duplex, gateway);
+				}
+			} else if (event === "stream") {
+				const [stream, headers, , raw] = args as [
+					ServerHttp2Stream & Marked,
+					Headers,
+					unknown,
+					string[],
+				];
+				const method = String(headers[":method"]);
+				const url = String(headers[":path"]);
+				const publicPathsApply = method !== "CONNECT";
+				const refusal = check(stream, headers, raw ?? [], method, url, publicPathsApply);
+				if (refusal) return rejectStream(refusal, stream, method, url, gateway);
+			}
+			return emit.call(this, event, ...args);
+		} as Server["emit"];
+		// Node answers `Expect: 100-continue` with "100 Continue" before any event, unless
+		// something listens for checkContinue. This listener does what Node would, after the door.
+		if (server.listenerCount("checkContinue") === 0) {
+			server.on("checkContinue", (req: Request, res: Response) => {
+				res.writeContinue();
+				server.emit("request", req, res);
+			});
+		}
+	}
+
+	// An upgrade's or a CONNECT's socket has no response object: the 401 goes out as bytes. Node
+	// took its own error listener off the socket before the event, so the door adds one first: a
+	// client that resets would crash the process otherwise. Node no longer counts the socket as
+	// its connection, so closeAllConnections() would never end it: the door does, within a bound.
+	function rejectSocket(refusal: Refusal, req: Request, socket: Duplex, gateway?: Gateway) {
+		countAndLog(refusal, req.method, req.url, gateway);
+		socket.on("error", ignore);
+		socket.end(refusal.bytes);
+		closeWithin(socket, LINGER_MS);
+		return true;
+	}
+
+	// A refused HTTP/2 stream may be reset already, or be a HEAD whose write side Node ended at
+	// `respond`: each write goes only where it may. A reset or a GOAWAY with an error code can
+	// end the stream between two lines, so an error listener comes first, and a throw from a
+	// stream that is gone is dropped with it.
+	function rejectStream(
+		refusal: Refusal,
+		stream: ServerHttp2Stream,
+		method: string,
+		url: string,
+		gateway?: Gateway,
+	) {
+		countAndLog(refusal, method, url, gateway);
+		stream.on("error", ignore);
+		try {
+			if (!stream.destroyed && !stream.headersSent) {
+				stream.respond(refusal.http2Head, { endStream: method === "HEAD" });
+			}
+			if (!stream.destroyed && !stream.writableEnded) stream.end(refusal.body);
+		} catch {
+			stream.destroy();
+		}
+		// The client may keep its side open for ever: the stream is closed within a bound.
+		closeWithin(stream, LINGER_MS);
+		return true;
+	}
+
+	// With `server: false`, your own server or Express calls the gateway's httpHandler: the door
+	// stands there too. A request that a door of this broker let in already is not checked again,
+	// but its method and URL must be the ones that door checked: Express's methodOverride or a
+	// URL rewrite placed after door.express() would otherwise route what the door never saw.
+	function guardHttpHandler(gateway: Gateway) {
+		const httpHandler = gateway.httpHandler;
+		gateway.httpHandler = function httpHandlerAfterTheDoor(req: Request & Marked, res, next) {
+			let admission = req[admitted];
+			if (admission === undefined) {
+				const refusal = checkRequest(req, req.url ?? "", true);
+				if (refusal) return rejectRequest(refusal, req, res, gateway);
+				admission = req[admitted]!;
+			} else if (req.method !== admission.method || !isSameUrl(req, admission.url)) {
+				return rejectRequest(NO_SECRET, req, res, gateway);
+			}
+			// Mounted in Express, the gateway routes the URL below its mount point.
+			admission.url = req.url ?? "";
+			return httpHandler.call(this, req, res, next);
+		};
+	}
+
+	// moleculer-web routes each request in its private `rest` action, and a broker retryPolicy
+	// calls it again with the URL it has rewritten. This puts back the URL the door let in, and
+	// refuses a request that never met this door, or whose method changed since.
+	function guardRest(next: ActionHandler): ActionHandler {
+		return function restAfterTheDoor(this: Service, ctx: Context) {
+			const { req, res } = ctx.params as { req: Request & Marked; res: Response };
+			const admission = req[admitted];
+			if (admission === undefined || req.method !== admission.method) {
+				return Promise.resolve(rejectRequest(NO_SECRET, req, res));
+			}
+			req.url = admission.url;
+			// A meta object of its own: moleculer-web may share one (rootCallOptions.meta).
+			const { consumer } = admission;
+			if (consumer !== undefined) ctx.meta = { ...ctx.meta, consumer };
+			return next.call(this, ctx);
+		};
+	}
+
+	// A gateway's addRoute and removeRoute are protected (keepRoutesLocal), yet a crafted REQUEST
+	// packet from the transporter could still name them: the door drops it before any action.
+	function dropRouteCalls(next: PacketHandler): PacketHandler {
+		return (cmd, packet) => {
+			const action = cmd === "REQ" ? packet?.payload?.action : undefined;
+			if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
+			logger?.warn(
+				`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`,
+			);
+			return Promise.resolve(false);
+		};
+	}
+
+	// Where the door meets Moleculer. No `name`: moleculer 0.14 types a middleware as hooks only.
+	function middleware() {
+		return {
+			created(broker: ServiceBroker) {
+				logger = broker.logger;
+				report = createReport(broker, tally, reportSeconds, quietSeconds);
+				const listed = [...publicPaths].join(", ") || "none";
+				logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
+			},
+			serviceCreating(_service: Service, schema: ServiceSchema) {
+				if (isGateway(schema)) keepRoutesLocal(schema);
+			},
+			// A gateway's server exists once its own `created` has run.
+			serviceCreated(service: Service) {
+				if (!isGateway(service.schema)) return;
+				const gateway = service as Gateway;
+				gateways.push(gateway);
+				routeActions.add(`${gateway.fullName}.addRoute`).add(
+					`${gateway.fullName}.removeRoute`,
+				);
+				if (gateway.server) guardServer(gateway.server, gateway);
+				guardHttpHandler(gateway);
+			},
+			localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
+				const { rawName, service } = action as ActionSchema & { rawName?: string };
+				return rawName === "rest" && isGateway(service?.schema) ? guardRest(next) : next;
+			},
+			// Moleculer hands this hook every packet from the transporter, before any action. (Its
+			// 0.15 types say the hook returns a Promise; it returns the handler, as in 0.14.)
+			transitMessageHandler: dropRouteCalls as never,
+			started(broker: ServiceBroker) {
+				warnOfUnmatchedPublicPaths(broker.logger, publicPaths, gateways);
+				report?.start();
+				return Promise.resolve();
+			},
+			stopped: () => Promise.resolve(report?.stop()),
+
+			/** For an Express app: `app.use(door.express())`, before every other middleware. */
+			express() {
+				return function sharedSecretDoor(req: Request, res: Response, next: () => void) {
+					const url = req.baseUrl ? req.baseUrl + req.url : req.url ?? "";
+					const refusal = checkRequest(req, url, true);
+					if (refusal) rejectRequest(refusal, req, res);
+					else next();
+				};
+			},
+
+			/** Any other server, an Express app's for its upgrades: `door.guard(server)`. */
+			guard(server: unknown) {
+				guardServer(server as Server, undefined);
+			},
+
+			/**
+			 * Replaces the secrets while the origin runs, given as the `secrets` option is. If the new
+			 * ones fail its checks, it throws and changes nothing. (`unknown`: moleculer 0.14 types
+			 * every member of a middleware as a hook.)
+			 */
+			setSecrets(replacement: unknown) {
+				const next = readSecrets(replacement);
+				whichSecret = createSecretMatcher(next);
+				report?.rotated(secrets, next);
+				secrets = next;
+				const entries = `${next.length} ${next.length === 1 ? "entry" : "entries"}`;
+				logger?.info(
+					`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`,
+				);
+			},
+		};
+	}
+}
+
+// A refused connection is closed this long after its 401, whatever the client does.
+const LINGER_MS = 500;
+// Bun and Deno serve node:http on stacks of their own, which close a refused body's
+// connection themselves, and may hold a written answer until it ends.
+const ownHttpStack = Boolean(process.versions.bun ?? process.versions.deno);
+const ignore = () => {};
+const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
+
+// Removes both door headers from every form of the request's headers, so a service that
+// forwards copied headers sends neither. An HTTP/1 request gets new forms through Node's public
+// setters: `headers` as a copy (a `delete` would make it a slow dictionary), and
+// `headersDistinct` built from the remaining raw headers, since Node would build it from a count
+// that no longer holds. An HTTP/2 stream's headers are a dictionary already.
+function wipeHeaders(target: object, headers: Headers, raw: string[]) {
 	for (let index = raw.length - 2; index >= 0; index -= 2) {
 		if (isDoorHeader(raw[index]!.toLowerCase())) raw.splice(index, 2);
 	}
-	if (!(req instanceof IncomingMessage)) {
+	if (!("rawHeaders" in target)) {
 		delete headers[HEADER];
 		delete headers[CONSUMER_HEADER];
 		return;
 	}
 	const kept: Headers = {};
 	for (const name in headers) if (!isDoorHeader(name)) kept[name] = headers[name];
-	req.headers = kept as IncomingMessage["headers"];
-	const internal = req as unknown as Record<symbol, unknown>;
-	if (RAW_COUNT && typeof internal[RAW_COUNT] === "number") internal[RAW_COUNT] = raw.length;
-	// Only code before the door can have built it: Express middleware, or your own server.
-	const distinct = DISTINCT && internal[DISTINCT] as Headers | undefined;
-	if (distinct) delete distinct[HEADER], delete distinct[CONSUMER_HEADER];
+	const distinct: Record<string, string[]> = {};
+	for (let index = 0; index < raw.length; index += 2) {
+		(distinct[raw[index]!.toLowerCase()] ??= []).push(raw[index + 1]!);
+	}
+	Object.assign(target, { headers: kept, headersDistinct: distinct });
 }
 
-// A refused request's body is never read, so nobody makes the origin read megabytes. The door
-// stops reading, and closes the connection half a second after the 401: closing at once, with
-// unread bytes, would reset it before the client reads the 401. HTTP/1 only.
-function stopReadingBody(req: Request): boolean {
-	const length = req.headers["content-length"];
-	const hasBody = (length !== undefined && length !== "0") || !!req.headers["transfer-encoding"];
-	if (!hasBody || req.httpVersionMajor !== 1) return false;
-	const { socket } = req;
-	(socket as { _handle?: { readStop?(): void } })._handle?.readStop?.();
-	socket.destroySoon = () => socket.end(() => setTimeout(() => socket.destroy(), 500).unref());
-	return true;
+// Express mounts move their path from req.url into req.baseUrl, and add a "/" where nothing is
+// left: "/api?x" mounted at "/api" is "/?x".
+function isSameUrl(req: Request, url: string): boolean {
+	if (req.url === url) return true;
+	const base = req.baseUrl;
+	return !!base && (base + req.url === url || base + req.url?.slice(1) === url);
+}
+
+// Ends a refused connection within a bound, whatever the client does. unref(): the timer never
+// keeps a stopping process alive.
+function closeWithin(connection: { destroy(): unknown } | null | undefined, ms: number) {
+	if (connection) setTimeout(() => connection.destroy(), ms).unref();
 }
 
 // A moleculer-web gateway, whatever it is called, has these two methods.
@@ -398,14 +493,6 @@ function isGateway(schema: ServiceSchema | undefined): schema is ServiceSchema {
 	const methods = schema?.methods as Partial<Gateway> | undefined;
 	return typeof methods?.sendError === "function" && typeof methods.httpHandler === "function";
 }
-
-function cut(value: unknown): string {
-	const text = String(value);
-	if (text.length <= LOGGED_LENGTH) return text;
-	return `${text.slice(0, LOGGED_LENGTH)}... (${text.length} characters)`;
-}
-
-// ---- Routes: kept to this node, and checked at start ---------------------------------------
 
 // A gateway's addRoute and removeRoute answer every node of a cluster by default, so a node that
 // joins could take the routes away. "protected" leaves them to services on this node, and the
@@ -421,22 +508,29 @@ function keepRoutesLocal(schema: ServiceSchema) {
 // gateways with a server of their own count: behind Express, public paths are the app's.
 function warnOfUnmatchedPublicPaths(
 	logger: ServiceBroker["logger"],
-	publicRoutes: Set<string>,
-	gws: Gateway[],
+	publicPaths: Set<string>,
+	gateways: Gateway[],
 ) {
-	const served = gws.filter((gateway) => gateway.server && gateway.resolveAlias);
+	const served = gateways.filter((gateway) => gateway.server && gateway.resolveAlias);
 	const routes = served.flatMap((gateway) => (gateway.routes ?? []).map((route) => route.path));
-	for (const entry of served.length ? publicRoutes : []) {
-		const [method, path] = entry.split(" ") as [string, string];
-		if (served.some((gateway) => gateway.resolveAlias!(path, method))) continue;
+	for (const path of served.length ? publicPaths : []) {
+		const [method, url] = path.split(" ") as [string, string];
+		if (served.some((gateway) => gateway.resolveAlias!(url, method))) continue;
 		logger.warn(
-			`SharedSecretMiddleware: public path "${entry}" matches no alias of the routes ` +
+			`SharedSecretMiddleware: public path "${path}" matches no alias of the routes ` +
 				`${routes.join(", ")}. Write the full path, the route's path included.`,
 		);
 	}
 }
 
-// ---- The options, checked at the call ------------------------------------------------------
+// The caller chose the method and the URL, so a refusal's log line holds only this much of each.
+function cut(value: unknown, length = 120): string {
+	const text = String(value);
+	if (text.length <= length) return text;
+	return `${text.slice(0, length)}... (${text.length} characters)`;
+}
+
+// ==== 3. The options, checked at the call ==================================================
 
 // The messages never hold the value: they go to the logs.
 function readSecrets(raw: unknown): string[] {
@@ -468,21 +562,23 @@ function readSecrets(raw: unknown): string[] {
 
 function readPublicPaths(raw: string | readonly string[] | undefined): Set<string> {
 	const list = typeof raw === "string" ? raw.split(",") : [...(raw ?? [])];
-	const routes = new Set<string>();
-	for (const entry of list.map((text) => String(text).trim()).filter(Boolean)) {
-		const [, method, path] = /^([A-Z]+) (\/\S*)$/.exec(entry.replace(/\s+/, " ")) ?? [];
-		const which = `SharedSecretMiddleware: publicPaths entry "${entry}"`;
+	const paths = new Set<string>();
+	for (const text of list.map((item) => String(item).trim()).filter(Boolean)) {
+		const [, method, path] = /^([A-Z]+) (\/\S*)$/.exec(text.replace(/\s+/, " ")) ?? [];
+		const which = `SharedSecretMiddleware: publicPaths item "${text}"`;
 		if (!path || path.includes("?")) throw configError(`${which} is not "METHOD /path".`);
-		// moleculer-web routes OPTIONS as the method that a preflight names, so this entry
-		// would open other methods. Browsers send preflights to the API gateway, not here.
+		// moleculer-web routes OPTIONS as the method that a preflight names, so this item would
+		// open other methods. Browsers send preflights to the API gateway, not here.
 		if (method === "OPTIONS") {
 			throw configError(
 				`${which} opens every method: answer CORS preflights at the API gateway.`,
 			);
 		}
-		routes.add(`${method} ${path}`);
+		// A CONNECT opens a tunnel, never a plain request: it always needs the secret.
+		if (method === "CONNECT") throw configError(`${which} opens a tunnel: never public.`);
+		paths.add(`${method} ${path}`);
 	}
-	return routes;
+	return paths;
 }
 
 function readSeconds(name: string, value: number): number {
@@ -499,7 +595,10 @@ function configError(message: string): Error {
 	return error;
 }
 
-// ---- The rotation report and metrics: which secret is in use -------------------------------
+// ==== 4. The rotation report: which secret is in use, by position, never by value ==========
+
+type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
+type Metric = { set(value: number, labels: Record<string, string | number>): void };
 
 // What the door counts: a request pays for an increment and a clock read.
 function createTally(entries: number): Tally {
@@ -507,98 +606,69 @@ function createTally(entries: number): Tally {
 	return { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 };
 }
 
-// After setSecrets, an entry keeps its counts only if the same secret still holds its position.
-function keepCountsOfUnchangedEntries(tally: Tally, before: string[], after: string[]) {
-	const kept = (counts: number[]) =>
-		after.map((next, i) => (before[i] === next ? counts[i]! : 0));
-	tally.accepted = kept(tally.accepted);
-	tally.lastSeen = kept(tally.lastSeen);
-}
-
-/**
- * Every reportSeconds it logs how many requests used each entry after the first (the ones a
- * rotation removes), that an entry unused for quietSeconds can be removed, and the refusals:
- * one line of each kind, entries by position, never by any part of their value. With the
- * broker's metrics on, it copies the counts into Moleculer's registry once a second.
- */
-function createReport(broker: ServiceBroker, tally: Tally, everyMs: number, quietAfterMs: number) {
+// Every `every` seconds it logs how many requests used each entry after the first (the ones a
+// rotation removes), and once, that one unused for `quiet` seconds can be removed. Refusals
+// have a log line each already. With the broker's metrics on, the counts go to Moleculer's
+// registry once a second.
+function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet: number) {
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
-	const copyToMetrics = broker.isMetricsEnabled() ? registerMetrics(broker, tally) : undefined;
-	const period = duration(everyMs);
-	const quietFor = duration(quietAfterMs);
-	const snapshot = () => ({ ...tally, accepted: [...tally.accepted] });
-	let reported = snapshot();
-	let announcedQuiet: boolean[] = [];
-	let since = 0;
-	let timers: ReturnType<typeof setInterval>[] = [];
-
+	const [period, quietFor] = [time(every), time(quiet)];
+	let [reported, since, saidQuiet] = [[...tally.accepted], Date.now(), [] as boolean[]];
 	function report() {
-		const total = tally.accepted.length;
-		for (let index = 1; index < total; index++) {
-			const entry = `secrets entry ${index + 1} of ${total}`;
-			const lastSeen = tally.lastSeen[index]!;
-			const used = tally.accepted[index]! - (reported.accepted[index] ?? 0);
+		for (let index = 1; index < tally.accepted.length; index++) {
+			const entry = `secrets entry ${index + 1} of ${tally.accepted.length}`;
+			const used = tally.accepted[index]! - (reported[index] ?? 0);
+			const last = tally.lastSeen[index] || since;
+			saidQuiet[index] &&= used === 0;
 			if (used > 0) {
-				announcedQuiet[index] = false;
-				const last = `the last at ${new Date(lastSeen).toISOString()}`;
-				log(`${entry} is still in use: ${used} requests in ${period}, ${last}.`);
-			} else if (Date.now() - (lastSeen || since) >= quietAfterMs && !announcedQuiet[index]) {
-				announcedQuiet[index] = true;
+				const at = new Date(last).toISOString();
+				log(`${entry} is still in use: ${used} requests in ${period}, the last at ${at}.`);
+			} else if (!saidQuiet[index] && Date.now() - last >= quiet * 1000) {
+				saidQuiet[index] = true;
 				log(`no request has used ${entry} for ${quietFor}; it can be removed.`);
 			}
 		}
-		const missing = tally.missing - reported.missing;
-		const invalid = tally.invalid - reported.invalid;
-		const why = `${missing} without a secret, ${invalid} with an invalid one`;
-		if (missing + invalid > 0) {
-			log(`refused ${missing + invalid} requests in ${period}: ${why}.`);
-		}
-		reported = snapshot();
+		reported = [...tally.accepted];
 	}
-
-	return {
-		announce: () => log(`${tally.accepted.length} secrets; entry 1 is the current one.`),
-		// unref(): the timers never keep a stopping process alive.
-		start() {
-			since = Date.now();
-			timers = [setInterval(report, everyMs).unref()];
-			if (copyToMetrics) timers.push(setInterval(copyToMetrics, 1000).unref());
-		},
-		stop: () => timers.forEach(clearInterval),
-		// The new entries start unused, and their quiet time counts from the change.
-		rotated() {
-			since = Date.now();
-			reported = snapshot();
-			announcedQuiet = [];
-		},
-	};
-}
-
-// Two counters and a gauge, registered only when the broker's metrics are on.
-function registerMetrics(broker: ServiceBroker, tally: Tally): () => void {
 	// moleculer 0.14 and 0.15 type register() differently; both return a metric with `set`.
-	type Metric = { set(value: number, labels: Record<string, string | number>): void };
 	const registry = broker.metrics as unknown as { register(options: object): Metric };
-	const register = (type: string, name: string, label: string, description: string) =>
+	const metric = (type: string, name: string, label: string, description: string) =>
 		registry.register({
 			type,
 			name: `shared_secret.${name}`,
 			labelNames: [label],
 			description,
 		});
-	const accepted = register("counter", "accepted.total", "entry", "Requests let in, by entry");
-	const refused = register("counter", "refused.total", "reason", "Requests refused, by reason");
-	const lastSeen = register("gauge", "last_seen.seconds", "entry", "Each entry's last use");
-	return function copyTallyToMetrics() {
+	const accepted = metric("counter", "accepted.total", "entry", "Requests let in, by entry");
+	const refused = metric("counter", "refused.total", "reason", "Requests refused, by reason");
+	const lastSeen = metric("gauge", "last_seen.seconds", "entry", "Each entry's last use");
+	function copyToMetrics() {
 		tally.accepted.forEach((count, index) => {
 			accepted.set(count, { entry: index + 1 });
 			lastSeen.set(Math.floor(tally.lastSeen[index]! / 1000), { entry: index + 1 });
 		});
 		refused.set(tally.missing, { reason: "missing" });
 		refused.set(tally.invalid, { reason: "invalid" });
+	}
+	const timers: ReturnType<typeof setInterval>[] = [];
+	return {
+		start() {
+			const entries = tally.accepted.length;
+			if (entries > 1) log(`${entries} secrets; entry 1 is the current one.`);
+			since = Date.now();
+			// unref(): the timers never keep a stopping process alive.
+			timers.push(setInterval(report, every * 1000).unref());
+			if (broker.isMetricsEnabled()) timers.push(setInterval(copyToMetrics, 1000).unref());
+		},
+		stop: () => timers.forEach(clearInterval),
+		// An entry keeps its counts only while the same secret holds its position.
+		rotated(before: string[], after: string[]) {
+			const kept = (counts: number[]) =>
+				after.map((next, i) => (before[i] === next ? counts[i]! : 0));
+			[tally.accepted, tally.lastSeen] = [kept(tally.accepted), kept(tally.lastSeen)];
+			[reported, since, saidQuiet] = [[...tally.accepted], Date.now(), []];
+		},
 	};
 }
 
-function duration(ms: number): string {
-	return ms % 60_000 ? `${ms / 1000} s` : `${ms / 60_000} minute${ms === 60_000 ? "" : "s"}`;
-}
+const time = (s: number) => (s % 60 ? `${s} s` : `${s / 60} minute${s === 60 ? "" : "s"}`);

@@ -26,12 +26,12 @@ const refused: [string, SharedSecretOptions, RegExp][] = [
 	[
 		"a malformed public path",
 		{ secrets: SECRET, publicPaths: "/health" },
-		/publicPaths entry "\/health" is not "METHOD \/path"/,
+		/publicPaths item "\/health" is not "METHOD \/path"/,
 	],
 	[
 		"a public path with a query",
 		{ secrets: SECRET, publicPaths: ["GET /health?x=1"] },
-		/publicPaths entry "GET \/health\?x=1" is not/,
+		/publicPaths item "GET \/health\?x=1" is not/,
 	],
 	// moleculer-web routes OPTIONS as another method: such an entry would open that one.
 	[
