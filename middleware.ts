@@ -140,7 +140,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
 	// This door's own mark: another door in the same process neither sees nor sets it.
 	const admitted = Symbol("SharedSecretMiddleware admitted");
-	type Marked = { [admitted]?: Admission };
+	type Marked = { [admitted]?: Admission | undefined };
 	const tally = createTally(secrets.length);
 	const gateways: Gateway[] = [];
 	const routeActions = new Set<string>();
@@ -447,7 +447,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 const LINGER_MS = 500;
 // Bun and Deno serve node:http on stacks of their own, which close a refused body's
 // connection themselves, and may hold a written answer until it ends.
-const ownHttpStack = Boolean(process.versions.bun ?? process.versions.deno);
+const ownHttpStack = Boolean(process.versions["bun"] ?? process.versions["deno"]);
 const ignore = () => {};
 const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
 

@@ -12,6 +12,11 @@
  *   CONTENDER=floor     no Moleculer at all: node:http answering every request
  *                       with the template's 401, byte for byte. Nothing written
  *                       on Node can refuse for less.
+ *   CONTENDER=door      the baseline with the door (middleware.ts) alone: its own
+ *                       cost, without index.ts's extras.
+ *   CONTENDER=emitFloor the baseline with the floor of the door's approach: the
+ *                       server's emit wrapped, one constant-time compare, the
+ *                       same 401, and nothing else.
  *
  * The template itself is benchmarked as index.ts, unchanged.
  */
@@ -27,10 +32,12 @@ import {
 	ServiceBroker,
 } from "moleculer";
 import ApiGateway from "moleculer-web";
+import { SharedSecretMiddleware } from "../middleware.ts";
 
 const contender = process.env.CONTENDER;
-if (contender !== "baseline" && contender !== "page" && contender !== "floor") {
-	throw new Error(`CONTENDER must be baseline, page or floor, not ${contender}`);
+const contenders = ["baseline", "page", "floor", "door", "emitFloor"];
+if (!contenders.includes(contender ?? "")) {
+	throw new Error(`CONTENDER must be one of ${contenders.join(", ")}, not ${contender}`);
 }
 
 // The floor: no broker is even built.
@@ -79,7 +86,14 @@ async function startMoleculer() {
 	const metricsPort = Number(process.env.METRICS_PORT || 0);
 	const broker = new ServiceBroker({
 		logLevel: (process.env.LOGLEVEL ?? "warn") as LogLevels,
-		middlewares: contender === "page" ? [PageStyleCheck] : [],
+		middlewares: contender === "page"
+			? [PageStyleCheck]
+			: contender === "door"
+			? [SharedSecretMiddleware({
+				secrets: process.env.SHARED_SECRET,
+				publicPaths: "GET /health",
+			})]
+			: [],
 		metrics: metricsPort
 			? {
 				enabled: true,
@@ -125,9 +139,34 @@ async function startMoleculer() {
 		},
 	});
 
+	if (contender === "emitFloor") {
+		wrapEmitWithOneCompare((gateway as unknown as { server: Server }).server);
+	}
 	await broker.start();
 	const { port } = (gateway as unknown as { server: Server }).server.address() as {
 		port: number;
 	};
 	broker.logger.info(`Origin ready at http://localhost:${port}`);
+}
+
+// The least the door's approach can do: every request meets one constant-time compare in the
+// server's emit, and a refusal is the same 401, written by node:http.
+function wrapEmitWithOneCompare(server: Server) {
+	const expected = Buffer.alloc(256);
+	expected.write(process.env.SHARED_SECRET ?? "");
+	const presented = Buffer.alloc(256);
+	const body = '{"name":"UnAuthorizedError","message":"Invalid secret","code":401}';
+	const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
+	server.emit = function (this: Server, event: string, ...args: unknown[]) {
+		if (event === "request") {
+			const [req, res] = args as [IncomingMessage, import("node:http").ServerResponse];
+			presented.fill(0);
+			presented.write(String(req.headers["x-shared-secret"] ?? ""));
+			if (!timingSafeEqual(presented, expected)) {
+				res.writeHead(401, { "Content-Type": "application/json" }).end(body);
+				return true;
+			}
+		}
+		return emit.call(this, event, ...args);
+	} as Server["emit"];
 }

@@ -39,7 +39,9 @@ const WRONG_SECRET = randomBytes(32).toString("hex");
 // Native type stripping where this Node has it, as in production (the bundle
 // has no source maps either); tsx otherwise. tsx turns on source maps, which
 // make every captured stack trace dearer and would flatter the template.
-const loader = process.features.typescript ? [] : ["--import", import.meta.resolve("tsx")];
+// The servers run under tsx, as `npm start` runs the origin; BENCH_LOADER=strip runs them with
+// Node's own type stripping instead (Node 22.18 and later), as `node index.ts` does.
+const loader = process.env.BENCH_LOADER === "strip" ? [] : ["--import", import.meta.resolve("tsx")];
 
 function hasTaskset(): boolean {
 	try {
@@ -140,6 +142,37 @@ const contenders: Contender[] = [
 		expectedStatus: 401,
 		versus: BASELINE,
 	},
+	// The door's own cost: the baseline's server with the door alone, against the floor of
+	// the approach (an emit wrapper and one constant-time compare). Compare each pair.
+	{
+		name: "The door alone, right secret",
+		server: "door",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+	},
+	{
+		name: "Floor of the approach, right secret",
+		server: "emitFloor",
+		secret: SECRET,
+		expectedStatus: 200,
+		versus: BASELINE,
+	},
+	{
+		name: "The door alone, wrong secret",
+		server: "door",
+		secret: WRONG_SECRET,
+		expectedStatus: 401,
+		versus: BASELINE,
+		target: 0.75,
+	},
+	{
+		name: "Floor of the approach, wrong secret",
+		server: "emitFloor",
+		secret: WRONG_SECRET,
+		expectedStatus: 401,
+		versus: BASELINE,
+	},
 	{
 		name: "Page's approach as commonly fixed, right secret",
 		server: "page",
@@ -186,6 +219,11 @@ const serverCommands: Record<string, { command: string[]; env: Record<string, st
 	template: { command: [process.execPath, ...loader, indexTs], env: {} },
 	floor: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "floor" } },
 	page: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "page" } },
+	door: { command: [process.execPath, ...loader, benchServer], env: { CONTENDER: "door" } },
+	emitFloor: {
+		command: [process.execPath, ...loader, benchServer],
+		env: { CONTENDER: "emitFloor" },
+	},
 	baselineMetrics: {
 		command: [process.execPath, ...loader, benchServer],
 		env: { CONTENDER: "baseline", METRICS_PORT: String(metricsPorts[0]) },
