@@ -7,14 +7,9 @@
  *     const door = SharedSecretMiddleware({ secrets: "new,old", publicPaths: "GET /health" });
  *     const broker = new ServiceBroker({ middlewares: [door] });
  *
- * It imports nothing from its project, so you can copy it alone.
- * Provenance: middleware.ts of the moleculer-shared-secret-origin template, tested with
- * moleculer 0.15.2 + moleculer-web 0.11.0 and 0.14.36 + 0.10.8, on Node 22 and 24, Deno 2,
- * Bun 1, and in Express 4 and 5. Compare a copy with a newer template before you update it.
- *
- * The file reads in four parts: what the page promises (the options, the check, the
- * comparison, the 401); the edges, each way into the server; the options, checked at the call;
- * the rotation report.
+ * From the moleculer-shared-secret-origin template; tested with moleculer 0.15.2 + moleculer-web
+ * 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It imports
+ * nothing from its project: copy it alone, and compare it with the template's to update it.
  */
 import { timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
@@ -258,17 +253,16 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 					if (refusal) return rejectSocket(refusal, req, args[1] as Duplex, gateway);
 				}
 			} else if (event === "stream") {
-				const [stream, headers, , raw] = args as [
-					ServerHttp2Stream & Marked,
-					Headers,
-					unknown,
-					string[],
-				];
+				const [stream, headers] = args as [ServerHttp2Stream & Marked, Headers];
+				const raw = (args[3] as string[] | undefined) ?? [];
 				const method = String(headers[":method"]);
 				const url = String(headers[":path"]);
 				const publicPathsApply = method !== "CONNECT";
-				const refusal = check(stream, headers, raw ?? [], method, url, publicPathsApply);
-				if (refusal) return rejectStream(refusal, stream, method, url, gateway);
+				const refusal = check(stream, headers, raw, method, url, publicPathsApply);
+				if (refusal) {
+					countAndLog(refusal, method, url, gateway);
+					return rejectStream(refusal, stream, method === "HEAD");
+				}
 			}
 			return emit.call(this, event, ...args);
 		} as Server["emit"];
@@ -298,18 +292,11 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// `respond`: each write goes only where it may. A reset or a GOAWAY with an error code can
 	// end the stream between two lines, so an error listener comes first, and a throw from a
 	// stream that is gone is dropped with it.
-	function rejectStream(
-		refusal: Refusal,
-		stream: ServerHttp2Stream,
-		method: string,
-		url: string,
-		gateway?: Gateway,
-	) {
-		countAndLog(refusal, method, url, gateway);
+	function rejectStream(refusal: Refusal, stream: ServerHttp2Stream, isHead: boolean) {
 		stream.on("error", ignore);
 		try {
 			if (!stream.destroyed && !stream.headersSent) {
-				stream.respond(refusal.http2Head, { endStream: method === "HEAD" });
+				stream.respond(refusal.http2Head, { endStream: isHead });
 			}
 			if (!stream.destroyed && !stream.writableEnded) stream.end(refusal.body);
 		} catch {

@@ -36,9 +36,6 @@ const WRONG_SECRET = randomBytes(32).toString("hex");
 
 // --- Where things run -------------------------------------------------------
 
-// Native type stripping where this Node has it, as in production (the bundle
-// has no source maps either); tsx otherwise. tsx turns on source maps, which
-// make every captured stack trace dearer and would flatter the template.
 // The servers run under tsx, as `npm start` runs the origin; BENCH_LOADER=strip runs them with
 // Node's own type stripping instead (Node 22.18 and later), as `node index.ts` does.
 const loader = process.env.BENCH_LOADER === "strip" ? [] : ["--import", import.meta.resolve("tsx")];
@@ -261,7 +258,7 @@ console.log(
 	`Node ${process.version}, ${
 		pinned ? "server pinned to core 1, load generator to core 0" : "no taskset: unpinned"
 	}, ` +
-		`${process.features.typescript ? "native type stripping" : "tsx"}; ` +
+		`${loader.length ? "tsx" : "native type stripping"}; ` +
 		`${ROUNDS} rounds of ${REQUESTS} requests over ${CONNECTIONS} connections per contender.`,
 );
 
