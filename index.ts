@@ -4,6 +4,7 @@
  * variable; then comes the page's promise; below it, the production extras, each a named part.
  */
 import { existsSync, readFileSync } from "node:fs";
+import { isIP } from "node:net";
 import { readFile } from "node:fs/promises";
 import type { Server } from "node:http";
 import { Errors, type LogLevels, ServiceBroker } from "moleculer";
@@ -13,26 +14,36 @@ import { SharedSecretMiddleware } from "./middleware.ts";
 import { ApiService, retrySafeActions } from "./service.ts";
 
 // ---- The configuration: README's table and .env.example list the same variables ----------
+// Every one is checked here, before anything starts: a value that cannot be used ends the
+// process with one line that names its variable and what it accepts.
 
 loadDotEnv();
-const env = process.env;
+// What each kind of value accepts, as the error lines say it. The transporters are those that
+// Moleculer resolves from a string (its transporters/index.js).
+const [ports, seconds] = ["a whole number from 0 to 65535", "whole seconds, 1 or more"];
+const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace"] as const;
+const SCHEMES = "nats:// redis:// rediss:// mqtt:// mqtts:// amqp:// amqps:// kafka:// tcp://";
+const TRANSPORTERS = [...SCHEMES.split(" "), "NATS", "Redis", "MQTT", "AMQP", "Kafka", "TCP"];
 const config = {
-	secrets: env.SHARED_SECRET,
-	secretFile: env.SHARED_SECRET_FILE || undefined,
+	secrets: process.env.SHARED_SECRET || undefined,
+	secretFile: process.env.SHARED_SECRET_FILE || undefined,
 	// "GET /health" is public unless PUBLIC_PATHS says otherwise; set empty, nothing is.
-	publicPaths: env.PUBLIC_PATHS ?? "GET /health",
-	reportSeconds: numberOrUnset(env.SHARED_SECRET_REPORT_SECONDS),
-	quietSeconds: numberOrUnset(env.SHARED_SECRET_QUIET_SECONDS),
-	port: Number(env.PORT ?? 3000),
-	logLevel: (env.LOGLEVEL ?? "info") as LogLevels,
-	metricsPort: Number(env.METRICS_PORT || 0),
-	metricsHost: env.METRICS_HOST || "127.0.0.1",
-	transporter: env.TRANSPORTER || undefined,
-	natsToken: env.NATS_TOKEN || undefined,
-	nodeID: env.NODE_ID || undefined,
+	publicPaths: process.env.PUBLIC_PATHS ?? "GET /health",
+	reportSeconds: checked("SHARED_SECRET_REPORT_SECONDS", wholeNumber(1), seconds),
+	quietSeconds: checked("SHARED_SECRET_QUIET_SECONDS", wholeNumber(1), seconds),
+	port: checked("PORT", wholeNumber(0, 65535), `${ports} (0: a free one)`) ?? 3000,
+	logLevel: checked("LOGLEVEL", oneOf(...LOG_LEVELS), LOG_LEVELS.join(", ")) ?? "info",
+	metricsPort: checked("METRICS_PORT", wholeNumber(0, 65535), `${ports} (0: off)`) ?? 0,
+	metricsHost: checked("METRICS_HOST", hostName, "an IP address or a host name") ?? "127.0.0.1",
+	transporter: checked("TRANSPORTER", knownTransporter, TRANSPORTERS.join(", ")),
+	natsToken: process.env.NATS_TOKEN || undefined,
+	nodeID: process.env.NODE_ID || undefined,
 	// What this node runs: the gateway, the api service, or both (the default).
-	services: (env.SERVICES ?? "gateway,api").split(",").map((name) => name.trim()),
+	services: checked("SERVICES", serviceNames, "gateway, api or both") ?? ["gateway", "api"],
 };
+if (config.natsToken && !config.transporter?.startsWith("nats://")) {
+	exitWith("NATS_TOKEN is set, but TRANSPORTER is no nats:// URL: the token would go unused.");
+}
 const runsGateway = config.services.includes("gateway");
 const runsApi = config.services.includes("api");
 
@@ -76,8 +87,9 @@ if (runsApi) broker.createService(ApiService);
 const gateway = runsGateway ? broker.createService(gatewaySchema) : undefined;
 const server = (gateway as { server?: Server } | undefined)?.server; // made with the service
 
-// Before the start, so that no signal finds the process without its handler.
+// Before the start, so that no signal or taken port finds the process without its handler.
 stopGracefullyOnSignals(server);
+server?.prependListener("error", exitIfPortTaken);
 if (door && config.secretFile) watchSecretFile(config.secretFile, door);
 await startOrFailFast(broker);
 
@@ -104,24 +116,79 @@ function loadDotEnv(file = ".env") {
 	Object.assign(process.env, alreadySet);
 }
 
-function numberOrUnset(value: string | undefined): number | undefined {
-	return value ? Number(value) : undefined;
-}
-
-// The door checks its options at the call and throws one line that names the problem, never
-// the value. Here that line becomes the process's last, with exit 1 for a supervisor to see.
+// The door checks its options at the call, in its own words, and throws one line without the
+// value. Here that line names the variable that fed the option.
 function createDoorOrExit() {
+	const secretVariable = config.secretFile ? "SHARED_SECRET_FILE" : "SHARED_SECRET";
+	if (config.secrets && config.secretFile) {
+		exitWith("Set SHARED_SECRET or SHARED_SECRET_FILE, not both.");
+	}
+	if (!config.secrets && !config.secretFile) {
+		exitWith(
+			"SHARED_SECRET or SHARED_SECRET_FILE: neither is set. Make one with: openssl rand -hex 32",
+		);
+	}
 	try {
-		if (config.secrets && config.secretFile) {
-			throw new Error("Set SHARED_SECRET or SHARED_SECRET_FILE, not both.");
-		}
 		const secrets = config.secretFile ? readSecretFile(config.secretFile) : config.secrets;
 		const { publicPaths, reportSeconds, quietSeconds } = config;
 		return SharedSecretMiddleware({ secrets, publicPaths, reportSeconds, quietSeconds });
 	} catch (error) {
-		console.error(`[${new Date().toISOString()}] FATAL origin: ${(error as Error).message}`);
-		process.exit(1);
+		const message = (error as Error).message;
+		if (message.startsWith("SHARED_SECRET_FILE")) exitWith(message);
+		const variable = message.includes("publicPaths") ? "PUBLIC_PATHS" : secretVariable;
+		exitWith(`${variable}: ${message.replace("SharedSecretMiddleware: ", "")}`);
 	}
+}
+
+// A port that cannot be had ends the start with one line: moleculer-web's own has a stack trace.
+function exitIfPortTaken(error: NodeJS.ErrnoException) {
+	if (error.code === "EADDRINUSE") {
+		exitWith(`PORT ${config.port} is in use: set PORT to a free one.`);
+	}
+	if (error.code === "EACCES") exitWith(`PORT ${config.port} is not this process's to use.`);
+}
+
+// The process's last line, with exit 1 for a supervisor to see: no stack trace, no ready line.
+function exitWith(line: string): never {
+	console.error(`[${new Date().toISOString()}] FATAL origin: ${line}`);
+	process.exit(1);
+}
+
+// ---- The configuration, checked: each check names its variable and what it accepts ---------
+
+// Reads one variable: unset or empty gives the default. A value that `parse` turns down ends the
+// start, with the value in the line, except TRANSPORTER's: its URL may hold a password.
+function checked<T>(name: string, parse: (text: string) => T | undefined, accepts: string) {
+	const text = process.env[name];
+	if (!text) return undefined;
+	const value = parse(text);
+	if (value !== undefined) return value;
+	const holds = name === "TRANSPORTER" ? "cannot be used" : `is "${text}"`;
+	exitWith(`${name} ${holds}; it needs ${accepts}.`);
+}
+
+function wholeNumber(min: number, max = Infinity) {
+	const inRange = (text: string) => /^\d+$/.test(text) && +text >= min && +text <= max;
+	return (text: string) => (inRange(text) ? Number(text) : undefined);
+}
+
+function oneOf<T extends string>(...allowed: T[]) {
+	return (text: string) => allowed.find((each) => each === text);
+}
+
+function hostName(text: string) {
+	const isHostName = /^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$/.test(text);
+	return isIP(text) || isHostName ? text : undefined;
+}
+
+function serviceNames(text: string) {
+	const names = text.split(",").map((name) => name.trim());
+	return names.every((name) => name === "gateway" || name === "api") ? names : undefined;
+}
+
+function knownTransporter(text: string) {
+	const isScheme = TRANSPORTERS.some((known) => known.endsWith("://") && text.startsWith(known));
+	return isScheme || TRANSPORTERS.includes(text) ? text : undefined;
 }
 
 // ---- The secret file: rotation without a restart (docs/rotating-the-secret.md) ------------

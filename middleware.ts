@@ -412,9 +412,9 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			},
 
 			/**
-			 * Replaces the secrets while the origin runs, given as the `secrets` option is. If the new
-			 * ones fail its checks, it throws and changes nothing. (`unknown`: moleculer 0.14 types
-			 * every member of a middleware as a hook.)
+			 * Replaces the secrets while the origin runs, given as the `secrets` option is. If
+			 * the new ones fail its checks, it throws and changes nothing. (`unknown`: moleculer
+			 * 0.14 types every member of a middleware as a hook.)
 			 */
 			setSecrets(replacement: unknown) {
 				const next = readSecrets(replacement);

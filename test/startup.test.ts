@@ -7,6 +7,8 @@ import { describe, test } from "node:test";
 import { ServiceBroker } from "moleculer";
 import { SharedSecretMiddleware, type SharedSecretOptions } from "../middleware.ts";
 import { join } from "node:path";
+import { once } from "node:events";
+import { type AddressInfo, createServer } from "node:net";
 import { emptyFolder, runOriginToExit, SECRET } from "./origin.ts";
 
 const refused: [string, SharedSecretOptions, RegExp][] = [
@@ -96,11 +98,59 @@ test("the bare form, without the call, stops the broker with the call to write",
 	);
 });
 
-// index.ts turns the door's error into one FATAL line and exit 1. Each case is its own process.
+// index.ts checks every variable before anything starts: one FATAL line that names the variable,
+// and exit 1. index.ts is the program itself, so each row is a process of its own.
 const exits: [string, Record<string, string | undefined>, RegExp][] = [
-	["SHARED_SECRET unset", { SHARED_SECRET: undefined }, /FATAL origin: .*no secret is set/],
-	["SHARED_SECRET short", { SHARED_SECRET: SECRET.slice(0, 12) }, /is 12 characters/],
-	["PUBLIC_PATHS malformed", { SHARED_SECRET: SECRET, PUBLIC_PATHS: "/health" }, /publicPaths/],
+	[
+		"SHARED_SECRET unset",
+		{ SHARED_SECRET: undefined },
+		/FATAL origin: SHARED_SECRET or SHARED_SECRET_FILE: neither is set\. Make one with: openssl/,
+	],
+	[
+		"SHARED_SECRET short",
+		{ SHARED_SECRET: "abc" },
+		/FATAL origin: SHARED_SECRET: secrets entry 1 of 1 is 3 characters; it needs 32\. Make one/,
+	],
+	[
+		"SHARED_SECRET with a short old entry",
+		{ SHARED_SECRET: `${SECRET},short` },
+		/FATAL origin: SHARED_SECRET: secrets entry 2 of 2 is 5 characters/,
+	],
+	[
+		"PUBLIC_PATHS malformed",
+		{ PUBLIC_PATHS: "/health" },
+		/FATAL origin: PUBLIC_PATHS: publicPaths item "\/health" is not "METHOD \/path"\./,
+	],
+	[
+		"SHARED_SECRET_REPORT_SECONDS=1m",
+		{ SHARED_SECRET_REPORT_SECONDS: "1m" },
+		/FATAL origin: SHARED_SECRET_REPORT_SECONDS is "1m"; it needs whole seconds, 1 or more\./,
+	],
+	[
+		"SHARED_SECRET_QUIET_SECONDS=0",
+		{ SHARED_SECRET_QUIET_SECONDS: "0" },
+		/FATAL origin: SHARED_SECRET_QUIET_SECONDS is "0"; it needs whole seconds/,
+	],
+	["PORT=abc", { PORT: "abc" }, /FATAL origin: PORT is "abc"; it needs a whole number from 0/],
+	["PORT=70000", { PORT: "70000" }, /FATAL origin: PORT is "70000"; it needs a whole number/],
+	["METRICS_PORT=xyz", { METRICS_PORT: "xyz" }, /FATAL origin: METRICS_PORT is "xyz"; it needs/],
+	["METRICS_HOST=a b", { METRICS_HOST: "a b" }, /FATAL origin: METRICS_HOST is "a b"; it needs/],
+	[
+		"LOGLEVEL=verbose",
+		{ LOGLEVEL: "verbose" },
+		/FATAL origin: LOGLEVEL is "verbose"; it needs fatal, error, warn, info, debug, trace\./,
+	],
+	["SERVICES=api2", { SERVICES: "api2" }, /FATAL origin: SERVICES is "api2"; it needs gateway/],
+	[
+		"TRANSPORTER=bogus://x, never shown",
+		{ TRANSPORTER: "bogus://user:hunter2hunter2@x" },
+		/FATAL origin: TRANSPORTER cannot be used; it needs nats:\/\/, /,
+	],
+	[
+		"NATS_TOKEN without a NATS transporter",
+		{ NATS_TOKEN: "token" },
+		/FATAL origin: NATS_TOKEN is set, but TRANSPORTER is no nats:\/\/ URL/,
+	],
 	[
 		"SHARED_SECRET and SHARED_SECRET_FILE both set",
 		{ SHARED_SECRET: SECRET, SHARED_SECRET_FILE: "/run/secrets/shared-secret" },
@@ -109,7 +159,7 @@ const exits: [string, Record<string, string | undefined>, RegExp][] = [
 	[
 		"SHARED_SECRET_FILE missing",
 		// In the origins' own folder, which Deno's test permissions let it read.
-		{ SHARED_SECRET_FILE: join(emptyFolder, "no-such-file") },
+		{ SHARED_SECRET: undefined, SHARED_SECRET_FILE: join(emptyFolder, "no-such-file") },
 		/FATAL origin: SHARED_SECRET_FILE \S+no-such-file cannot be read \(ENOENT\)\./,
 	],
 ];
@@ -117,12 +167,37 @@ const exits: [string, Record<string, string | undefined>, RegExp][] = [
 describe("the origin refuses to start", { concurrency: true }, () => {
 	for (const [name, env, expected] of exits) {
 		test(name, async () => {
-			const { code, output } = await runOriginToExit(env);
+			const { code, output } = await runOriginToExit({ SHARED_SECRET: SECRET, ...env });
 			assert.equal(code, 1, output);
 			assert.match(output, expected);
 			assert.equal(output.trim().split("\n").length, 1, output);
 			assert.doesNotMatch(output, /Origin ready|API Gateway listening/);
-			if (env.SHARED_SECRET) assert.ok(!output.includes(env.SHARED_SECRET), "the value");
+			for (const secret of [SECRET, env.SHARED_SECRET, "hunter2"]) {
+				if (secret && secret.length > 5) assert.ok(!output.includes(secret), "a secret");
+			}
 		});
+	}
+});
+
+test("a PORT in use ends the start with one line that names it", async () => {
+	// Another process's server holds the port.
+	const holder = createServer().listen(0, "0.0.0.0");
+	await once(holder, "listening");
+	const { port } = holder.address() as AddressInfo;
+	try {
+		const { code, output } = await runOriginToExit({
+			SHARED_SECRET: SECRET,
+			PORT: String(port),
+		});
+		assert.equal(code, 1, output);
+		const fatal = output.split("\n").filter((line) => /FATAL|at /.test(line));
+		assert.deepEqual(fatal.length, 1, output);
+		assert.match(
+			fatal[0]!,
+			new RegExp(`FATAL origin: PORT ${port} is in use: set PORT to a free one\\.`),
+		);
+		assert.doesNotMatch(output, /Origin ready/);
+	} finally {
+		holder.close();
 	}
 });
