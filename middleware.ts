@@ -54,14 +54,13 @@ type Gateway = Service & {
 	settings: { onError?: unknown; logResponse?: string | null };
 	server?: Server | null;
 	routes?: { path: string }[];
-	sendError(req: Request, res: Response, error: Error): void;
+	sendError(req: Request, res: ServerResponse, error: Error): void;
 	resolveAlias?(url: string, method: string): unknown;
-	httpHandler(req: Request, res: Response, next?: unknown): unknown;
+	httpHandler(req: Request, res: ServerResponse, next?: unknown): unknown;
 };
 type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
 type Headers = Record<string, unknown>;
 type Request = IncomingMessage & { stream?: ServerHttp2Stream; baseUrl?: string };
-type Response = ServerResponse;
 
 // moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
 // CommonJS build without esModuleInterop sees them as the module itself.
@@ -177,7 +176,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 	// Writes the 401 to an HTTP/1 request, or an HTTP/2 one through Node's compatibility API.
 	// `true` tells moleculer-web that the request is answered.
-	function rejectRequest(refusal: Refusal, req: Request, res: Response, gateway?: Gateway) {
+	function rejectRequest(refusal: Refusal, req: Request, res: ServerResponse, gateway?: Gateway) {
 		countAndLog(refusal, req.method, req.url, gateway);
 		res.on("error", ignore);
 		const { "content-length": length = "0", "transfer-encoding": chunked } = req.headers;
@@ -188,11 +187,9 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			// A gateway `onError` gets a copy, so what it changes stays with this request.
 			res.setHeader("WWW-Authenticate", CHALLENGE);
 			if (hasBody) res.setHeader("Connection", "close");
-			const copy = Object.assign(Object.create(Object.getPrototypeOf(refusal.error)), {
-				...refusal.error,
-				message: refusal.error.message,
-			});
-			gateway.sendError(req, res, copy);
+			const { error } = refusal;
+			const copy = Object.assign(Object.create(Object.getPrototypeOf(error)), error);
+			gateway.sendError(req, res, Object.assign(copy, { message: error.message }));
 		} else if (!hasBody || ownHttpStack) {
 			res.writeHead(401, hasBody ? refusal.closingHead : refusal.head).end(refusal.body);
 		} else {
@@ -231,45 +228,31 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	function guardServer(server: Server, gateway: Gateway | undefined) {
 		const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
 		server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
-			if (event === "request" || event === "checkContinue" || event === "checkExpectation") {
-				const req = args[0] as Request & Marked;
-				// One verdict per request: the checkContinue listener below emits `request` again,
-				// and an HTTP/2 request met the door as its stream.
-				if (req[admitted] === undefined) {
-					if (req.stream) req[admitted] = (req.stream as Marked)[admitted];
-					else {
-						const refusal = checkRequest(req, req.url ?? "", true);
-						if (refusal) {
-							return rejectRequest(refusal, req, args[1] as Response, gateway);
-						}
-					}
-				}
-			} else if (event === "upgrade" || event === "connect") {
-				const req = args[0] as Request & Marked;
-				// Public paths open plain requests only: a WebSocket on /health needs the secret.
-				if (req.stream) req[admitted] = (req.stream as Marked)[admitted];
-				else {
-					const refusal = checkRequest(req, req.url ?? "", false);
-					if (refusal) return rejectSocket(refusal, req, args[1] as Duplex, gateway);
-				}
-			} else if (event === "stream") {
+			if (event === "stream") {
 				const [stream, headers] = args as [ServerHttp2Stream & Marked, Headers];
+				const [method, url] = [String(headers[":method"]), String(headers[":path"])];
 				const raw = (args[3] as string[] | undefined) ?? [];
-				const method = String(headers[":method"]);
-				const url = String(headers[":path"]);
-				const publicPathsApply = method !== "CONNECT";
-				const refusal = check(stream, headers, raw, method, url, publicPathsApply);
-				if (refusal) {
-					countAndLog(refusal, method, url, gateway);
-					return rejectStream(refusal, stream, method === "HEAD");
+				const refusal = check(stream, headers, raw, method, url, method !== "CONNECT");
+				if (refusal) return rejectStream(refusal, stream, method, url, gateway);
+			} else if (REQUEST_EVENTS.has(event)) {
+				const req = args[0] as Request & Marked;
+				// One verdict per request: an HTTP/2 request met the door as its stream, and the
+				// checkContinue listener below emits `request` again.
+				if (req.stream) req[admitted] ??= (req.stream as Marked)[admitted];
+				// Public paths open plain requests only: a WebSocket on /health needs the secret.
+				const plain = event !== "upgrade" && event !== "connect";
+				const refusal = req[admitted] ? undefined : checkRequest(req, req.url ?? "", plain);
+				if (refusal && plain) {
+					return rejectRequest(refusal, req, args[1] as ServerResponse, gateway);
 				}
+				if (refusal) return rejectSocket(refusal, req, args[1] as Duplex, gateway);
 			}
 			return emit.call(this, event, ...args);
 		} as Server["emit"];
 		// Node answers `Expect: 100-continue` with "100 Continue" before any event, unless
 		// something listens for checkContinue. This listener does what Node would, after the door.
 		if (server.listenerCount("checkContinue") === 0) {
-			server.on("checkContinue", (req: Request, res: Response) => {
+			server.on("checkContinue", (req: Request, res: ServerResponse) => {
 				res.writeContinue();
 				server.emit("request", req, res);
 			});
@@ -292,11 +275,18 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// `respond`: each write goes only where it may. A reset or a GOAWAY with an error code can
 	// end the stream between two lines, so an error listener comes first, and a throw from a
 	// stream that is gone is dropped with it.
-	function rejectStream(refusal: Refusal, stream: ServerHttp2Stream, isHead: boolean) {
+	function rejectStream(
+		refusal: Refusal,
+		stream: ServerHttp2Stream,
+		method: string,
+		url: string,
+		gateway?: Gateway,
+	) {
+		countAndLog(refusal, method, url, gateway);
 		stream.on("error", ignore);
 		try {
 			if (!stream.destroyed && !stream.headersSent) {
-				stream.respond(refusal.http2Head, { endStream: isHead });
+				stream.respond(refusal.http2Head, { endStream: method === "HEAD" });
 			}
 			if (!stream.destroyed && !stream.writableEnded) stream.end(refusal.body);
 		} catch {
@@ -333,7 +323,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// refuses a request that never met this door, or whose method changed since.
 	function guardRest(next: ActionHandler): ActionHandler {
 		return function restAfterTheDoor(this: Service, ctx: Context) {
-			const { req, res } = ctx.params as { req: Request & Marked; res: Response };
+			const { req, res } = ctx.params as { req: Request & Marked; res: ServerResponse };
 			const admission = req[admitted];
 			if (admission === undefined || req.method !== admission.method) {
 				return Promise.resolve(rejectRequest(NO_SECRET, req, res));
@@ -352,9 +342,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		return (cmd, packet) => {
 			const action = cmd === "REQ" ? packet?.payload?.action : undefined;
 			if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
-			logger?.warn(
-				`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`,
-			);
+			const line = `dropped a call to ${action} from the transporter.`;
+			logger?.warn(`SharedSecretMiddleware: ${line}`);
 			return Promise.resolve(false);
 		};
 	}
@@ -376,9 +365,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 				if (!isGateway(service.schema)) return;
 				const gateway = service as Gateway;
 				gateways.push(gateway);
-				routeActions.add(`${gateway.fullName}.addRoute`).add(
-					`${gateway.fullName}.removeRoute`,
-				);
+				const name = gateway.fullName;
+				routeActions.add(`${name}.addRoute`).add(`${name}.removeRoute`);
 				if (gateway.server) guardServer(gateway.server, gateway);
 				guardHttpHandler(gateway);
 			},
@@ -398,7 +386,11 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 			/** For an Express app: `app.use(door.express())`, before every other middleware. */
 			express() {
-				return function sharedSecretDoor(req: Request, res: Response, next: () => void) {
+				return function sharedSecretDoor(
+					req: Request,
+					res: ServerResponse,
+					next: () => void,
+				) {
 					const url = req.baseUrl ? req.baseUrl + req.url : req.url ?? "";
 					const refusal = checkRequest(req, url, true);
 					if (refusal) rejectRequest(refusal, req, res);
@@ -436,6 +428,14 @@ const LINGER_MS = 500;
 // connection themselves, and may hold a written answer until it ends.
 const ownHttpStack = Boolean(process.versions["bun"] ?? process.versions["deno"]);
 const ignore = () => {};
+// The server events that start a request, an upgrade or a tunnel: each meets the door.
+const REQUEST_EVENTS = new Set([
+	"request",
+	"checkContinue",
+	"checkExpectation",
+	"upgrade",
+	"connect",
+]);
 const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
 
 // Removes both door headers from every form of the request's headers, so a service that
