@@ -7,9 +7,9 @@
  *     const door = SharedSecretMiddleware({ secrets: "new,old", publicPaths: "GET /health" });
  *     const broker = new ServiceBroker({ middlewares: [door] });
  *
- * From the moleculer-shared-secret-origin template; tested with moleculer 0.15.2 + moleculer-web
- * 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It imports
- * nothing from its project: copy it alone, and compare it with the template's to update it.
+ * From the moleculer-shared-secret-origin template, tested with moleculer 0.15.2 + moleculer-web
+ * 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It imports nothing
+ * of its project: copy it alone, and compare it with the template's to update it.
  */
 import { timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
@@ -24,10 +24,7 @@ import * as MoleculerWeb from "moleculer-web";
 export type SharedSecretOptions = {
 	/** The secret, or several while you rotate ("new,old" or a list): entry 1 is current. */
 	secrets: string | readonly string[] | undefined;
-	/**
-	 * "METHOD /exact/path" items that need no secret, as a list or comma-separated. They open
-	 * plain requests only: an upgrade or a CONNECT needs the secret whatever its path.
-	 */
+	/** "METHOD /exact/path" items, listed or comma-separated: plain requests need no secret. */
 	publicPaths?: string | readonly string[] | undefined;
 	/** How often the rotation report logs which entries are in use (60 s). */
 	reportSeconds?: number | undefined;
@@ -39,8 +36,7 @@ export type SharedSecretOptions = {
 export type SharedSecretMeta = { consumer?: string };
 
 const HEADER = "x-shared-secret";
-// Who called, as the API gateway vouches for it.
-const CONSUMER_HEADER = "x-consumer";
+const CONSUMER_HEADER = "x-consumer"; // Who called, as the API gateway vouches for it.
 // In bytes: the comparison does the same work for any secret up to this length.
 const COMPARE_WIDTH = 256;
 // RFC 9110 §15.5.2: a 401 carries a challenge. It is no standard scheme: it names the header.
@@ -58,15 +54,14 @@ type Gateway = Service & {
 	resolveAlias?(url: string, method: string): unknown;
 	httpHandler(req: Request, res: ServerResponse, next?: unknown): unknown;
 };
-type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
 type Headers = Record<string, unknown>;
+type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
 type Request = IncomingMessage & { stream?: ServerHttp2Stream; baseUrl?: string };
 
 // moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
 // CommonJS build without esModuleInterop sees them as the module itself.
-type ErrorClass = new (type: string, data: unknown) => Error;
 type WebErrors =
-	& { UnAuthorizedError: ErrorClass }
+	& { UnAuthorizedError: new (type: string, data: unknown) => Error }
 	& Record<"ERR_NO_TOKEN" | "ERR_INVALID_TOKEN", string>;
 const web = MoleculerWeb as unknown as { Errors: WebErrors; default?: { Errors: WebErrors } };
 const Errors = (web.default ?? web).Errors;
@@ -135,7 +130,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// This door's own mark: another door in the same process neither sees nor sets it.
 	const admitted = Symbol("SharedSecretMiddleware admitted");
 	type Marked = { [admitted]?: Admission | undefined };
-	const tally = createTally(secrets.length);
+	const zeros = () => secrets.map(() => 0);
+	const tally: Tally = { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 };
 	const gateways: Gateway[] = [];
 	const routeActions = new Set<string>();
 	let logger: ServiceBroker["logger"] | undefined;
@@ -190,16 +186,22 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			const { error } = refusal;
 			const copy = Object.assign(Object.create(Object.getPrototypeOf(error)), error);
 			gateway.sendError(req, res, Object.assign(copy, { message: error.message }));
-		} else if (!hasBody || ownHttpStack) {
-			res.writeHead(401, hasBody ? refusal.closingHead : refusal.head).end(refusal.body);
+		} else if (hasBody) {
+			answerThenClose(refusal, req, res);
 		} else {
-			// Node would end a `Connection: close` answer by closing at once, and the unread body
-			// would turn the close into a reset that can overtake the 401. So the 401 goes out
-			// whole (its Content-Length says so), and the socket closes a moment later.
-			res.writeHead(401, refusal.closingHead).write(refusal.body);
-			closeWithin(req.socket, LINGER_MS);
+			res.writeHead(401, refusal.head).end(refusal.body);
 		}
 		return true;
+	}
+
+	// The door stands at each way into the server: part 2 below says where, and why.
+	return middleware();
+
+	// ==== 2. The edges: each way into the server, and why the door stands there ============
+
+	// The request's form of the check, for HTTP/1 and Node's HTTP/2 compatibility API alike.
+	function checkRequest(req: Request & Marked, url: string, publicPathsApply: boolean) {
+		return check(req, req.headers, req.rawHeaders, req.method ?? "", url, publicPathsApply);
 	}
 
 	// Counts a refusal, and logs one short line, as moleculer-web logs each response.
@@ -211,16 +213,6 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			log[level](`<= 401 ${cut(method)} ${cut(url)}`);
 		}
 	}
-
-	// The request's form of the check, for HTTP/1 and Node's HTTP/2 compatibility API alike.
-	function checkRequest(req: Request & Marked, url: string, publicPathsApply: boolean) {
-		return check(req, req.headers, req.rawHeaders, req.method ?? "", url, publicPathsApply);
-	}
-
-	// The door stands at each way into the server: part 2 below says where, and why.
-	return middleware();
-
-	// ==== 2. The edges: each way into the server, and why the door stands there ============
 
 	// Node starts every request, upgrade, CONNECT and HTTP/2 stream with server.emit, so the
 	// door wraps emit: each one meets the door before any listener (moleculer-web's, socket.io's,
@@ -336,6 +328,8 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		};
 	}
 
+	type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
+
 	// A gateway's addRoute and removeRoute are protected (keepRoutesLocal), yet a crafted REQUEST
 	// packet from the transporter could still name them: the door drops it before any action.
 	function dropRouteCalls(next: PacketHandler): PacketHandler {
@@ -424,8 +418,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 // A refused connection is closed this long after its 401, whatever the client does.
 const LINGER_MS = 500;
-// Bun and Deno serve node:http on stacks of their own, which close a refused body's
-// connection themselves, and may hold a written answer until it ends.
+// Bun and Deno serve node:http on stacks of their own, which may hold an answer until it ends.
 const ownHttpStack = Boolean(process.versions["bun"] ?? process.versions["deno"]);
 const ignore = () => {};
 // The server events that start a request, an upgrade or a tunnel: each meets the door.
@@ -459,6 +452,16 @@ function wipeHeaders(target: object, headers: Headers, raw: string[]) {
 		(distinct[raw[index]!.toLowerCase()] ??= []).push(raw[index + 1]!);
 	}
 	Object.assign(target, { headers: kept, headersDistinct: distinct });
+}
+
+// Node would end a `Connection: close` answer by closing at once, and the unread body would turn
+// the close into a reset that can overtake the 401. So the 401 goes out whole (its Content-Length
+// says so), and the socket closes a moment later. Bun's and Deno's own stacks close it themselves.
+function answerThenClose(refusal: Refusal, req: Request, res: ServerResponse) {
+	res.writeHead(401, refusal.closingHead);
+	if (ownHttpStack) return res.end(refusal.body);
+	res.write(refusal.body);
+	closeWithin(req.socket, LINGER_MS);
 }
 
 // Express mounts move their path from req.url into req.baseUrl, and add a "/" where nothing is
@@ -584,65 +587,49 @@ function configError(message: string): Error {
 
 // ==== 4. The rotation report: which secret is in use, by position, never by value ==========
 
-type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
 type Metric = { set(value: number, labels: Record<string, string | number>): void };
 
-// What the door counts: a request pays for an increment and a clock read.
-function createTally(entries: number): Tally {
-	const zeros = () => Array<number>(entries).fill(0);
-	return { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 };
-}
-
-// Every `every` seconds it logs how many requests used each entry after the first (the ones a
-// rotation removes), and once, that one unused for `quiet` seconds can be removed. Refusals
-// have a log line each already. With the broker's metrics on, the counts go to Moleculer's
-// registry once a second.
+// Every `every` seconds it logs how many requests used each entry after the first (those a
+// rotation removes), and once, that one unused for `quiet` seconds can be removed. With the
+// broker's metrics on, the counts go to Moleculer's registry once a second.
 function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet: number) {
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
-	const [period, quietFor] = [time(every), time(quiet)];
+	const [period, quietFor] = [duration(every), duration(quiet)];
 	let [reported, since, saidQuiet] = [[...tally.accepted], Date.now(), [] as boolean[]];
 	function report() {
 		for (let index = 1; index < tally.accepted.length; index++) {
 			const entry = `secrets entry ${index + 1} of ${tally.accepted.length}`;
 			const used = tally.accepted[index]! - (reported[index] ?? 0);
 			const last = tally.lastSeen[index] || since;
+			const at = `the last at ${new Date(last).toISOString()}`;
+			if (used > 0) log(`${entry} is still in use: ${used} requests in ${period}, ${at}.`);
 			saidQuiet[index] &&= used === 0;
-			if (used > 0) {
-				const at = new Date(last).toISOString();
-				log(`${entry} is still in use: ${used} requests in ${period}, the last at ${at}.`);
-			} else if (!saidQuiet[index] && Date.now() - last >= quiet * 1000) {
-				saidQuiet[index] = true;
-				log(`no request has used ${entry} for ${quietFor}; it can be removed.`);
-			}
+			if (saidQuiet[index] || Date.now() - last < quiet * 1000) continue;
+			saidQuiet[index] = true;
+			log(`no request has used ${entry} for ${quietFor}; it can be removed.`);
 		}
 		reported = [...tally.accepted];
 	}
 	// moleculer 0.14 and 0.15 type register() differently; both return a metric with `set`.
 	const registry = broker.metrics as unknown as { register(options: object): Metric };
-	const metric = (type: string, name: string, label: string, description: string) =>
-		registry.register({
-			type,
-			name: `shared_secret.${name}`,
-			labelNames: [label],
-			description,
-		});
-	const accepted = metric("counter", "accepted.total", "entry", "Requests let in, by entry");
-	const refused = metric("counter", "refused.total", "reason", "Requests refused, by reason");
-	const lastSeen = metric("gauge", "last_seen.seconds", "entry", "Each entry's last use");
+	const metric = (type: string, name: string, labelNames: string[], description: string) =>
+		registry.register({ type, name: `shared_secret.${name}`, labelNames, description });
+	const accepted = metric("counter", "accepted.total", ["entry"], "Requests let in, by entry");
+	const refused = metric("counter", "refused.total", ["reason"], "Requests refused, by reason");
+	const lastSeen = metric("gauge", "last_seen.seconds", ["entry"], "Each entry's last use");
 	function copyToMetrics() {
-		tally.accepted.forEach((count, index) => {
-			accepted.set(count, { entry: index + 1 });
-			lastSeen.set(Math.floor(tally.lastSeen[index]! / 1000), { entry: index + 1 });
-		});
+		tally.accepted.forEach((count, index) => accepted.set(count, { entry: index + 1 }));
+		tally.lastSeen.forEach((ms, index) =>
+			lastSeen.set(Math.floor(ms / 1000), { entry: index + 1 })
+		);
 		refused.set(tally.missing, { reason: "missing" });
 		refused.set(tally.invalid, { reason: "invalid" });
 	}
 	const timers: ReturnType<typeof setInterval>[] = [];
 	return {
 		start() {
-			const entries = tally.accepted.length;
-			if (entries > 1) log(`${entries} secrets; entry 1 is the current one.`);
-			since = Date.now();
+			const count = tally.accepted.length;
+			if (count > 1) log(`${count} secrets; entry 1 is the current one.`);
 			// unref(): the timers never keep a stopping process alive.
 			timers.push(setInterval(report, every * 1000).unref());
 			if (broker.isMetricsEnabled()) timers.push(setInterval(copyToMetrics, 1000).unref());
@@ -650,12 +637,12 @@ function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet:
 		stop: () => timers.forEach(clearInterval),
 		// An entry keeps its counts only while the same secret holds its position.
 		rotated(before: string[], after: string[]) {
-			const kept = (counts: number[]) =>
-				after.map((next, i) => (before[i] === next ? counts[i]! : 0));
+			const kept = (list: number[]) =>
+				after.map((it, i) => (before[i] === it ? list[i]! : 0));
 			[tally.accepted, tally.lastSeen] = [kept(tally.accepted), kept(tally.lastSeen)];
 			[reported, since, saidQuiet] = [[...tally.accepted], Date.now(), []];
 		},
 	};
 }
 
-const time = (s: number) => (s % 60 ? `${s} s` : `${s / 60} minute${s === 60 ? "" : "s"}`);
+const duration = (s: number) => (s % 60 ? `${s} s` : `${s / 60} minute${s === 60 ? "" : "s"}`);
