@@ -418,8 +418,6 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 
 // A refused connection is closed this long after its 401, whatever the client does.
 const LINGER_MS = 500;
-// Bun and Deno serve node:http on stacks of their own, which may hold an answer until it ends.
-const ownHttpStack = Boolean(process.versions["bun"] ?? process.versions["deno"]);
 const ignore = () => {};
 // The server events that start a request, an upgrade or a tunnel: each meets the door.
 const REQUEST_EVENTS = new Set([
@@ -456,10 +454,9 @@ function wipeHeaders(target: object, headers: Headers, raw: string[]) {
 
 // Node would end a `Connection: close` answer by closing at once, and the unread body would turn
 // the close into a reset that can overtake the 401. So the 401 goes out whole (its Content-Length
-// says so), and the socket closes a moment later. Bun's and Deno's own stacks close it themselves.
+// says so), and the socket closes a moment later. (Deno's node:http closes the same way.)
 function answerThenClose(refusal: Refusal, req: Request, res: ServerResponse) {
 	res.writeHead(401, refusal.closingHead);
-	if (ownHttpStack) return res.end(refusal.body);
 	res.write(refusal.body);
 	closeWithin(req.socket, LINGER_MS);
 }
