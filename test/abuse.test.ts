@@ -315,4 +315,27 @@ describe("each door keeps its own verdict", () => {
 			await broker.stop();
 		}
 	});
+
+	test("door.guard(server) puts the door in front of an Express app's own server", async () => {
+		const door = SharedSecretMiddleware({ secrets: SECRET });
+		// An app's server with a WebSocket server attached: its upgrades never pass through Express.
+		const server = http.createServer((_req, res) => res.end("the app"));
+		server.on("upgrade", (_req: IncomingMessage, socket: Socket) => {
+			socket.end(
+				"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+			);
+		});
+		door.guard(server);
+		await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+		const port = (server.address() as { port: number }).port;
+		const upgrade = (extra: string) =>
+			`GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n${extra}\r\n`;
+		try {
+			assert.match(await misbehave(port, upgrade(""), halfClose).closed, /^HTTP\/1\.1 401 /);
+			const switched = misbehave(port, upgrade(`x-shared-secret: ${SECRET}\r\n`), halfClose);
+			assert.match(await switched.closed, /^HTTP\/1\.1 101 /);
+		} finally {
+			server.close();
+		}
+	});
 });
