@@ -125,6 +125,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	let secrets = readSecrets(options.secrets);
 	let whichSecret = createSecretMatcher(secrets);
 	const publicPaths = readPublicPaths(options.publicPaths);
+	const publicUrls = new Set([...publicPaths].map((item) => item.slice(item.indexOf(" ") + 1)));
 	const reportSeconds = readSeconds("reportSeconds", options.reportSeconds ?? 60);
 	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
 	// This door's own mark: another door in the same process neither sees nor sets it.
@@ -152,9 +153,11 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		if (presented !== undefined || consumer !== undefined) wipeHeaders(target, headers, raw);
 		// A public path matches the method and the exact path before "?": no prefix, decoding
 		// or normalising, so "/health/../x", "//health" and "/health/" are not "/health".
+		// (The path alone is looked up first: most requests then build no string at all.)
 		if (publicPathsApply && publicPaths.size !== 0) {
 			const query = url.indexOf("?");
-			if (publicPaths.has(`${method} ${query === -1 ? url : url.slice(0, query)}`)) {
+			const path = query === -1 ? url : url.slice(0, query);
+			if (publicUrls.has(path) && publicPaths.has(`${method} ${path}`)) {
 				target[admitted] = { method, url, consumer: undefined };
 				return undefined;
 			}
@@ -430,13 +433,18 @@ const REQUEST_EVENTS = new Set([
 const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
 
 // Removes both door headers from every form of the request's headers, so a service that
-// forwards copied headers sends neither. An HTTP/1 request gets new forms through Node's public
-// setters: `headers` as a copy (a `delete` would make it a slow dictionary), and
-// `headersDistinct` built from the remaining raw headers, since Node would build it from a count
-// that no longer holds. An HTTP/2 stream's headers are a dictionary already.
+// forwards copied headers sends neither. An HTTP/1 request gets `headers` as a copy through Node's
+// public setter (a `delete` would make it a slow dictionary), and `headersDistinct` as an own
+// property, built on first use from the wiped raw headers: Node would build it from a count that
+// no longer holds, and building it for every request would cost more than the whole check.
+// An HTTP/2 stream's headers are a dictionary already.
 function wipeHeaders(target: object, headers: Headers, raw: string[]) {
 	for (let index = raw.length - 2; index >= 0; index -= 2) {
-		if (isDoorHeader(raw[index]!.toLowerCase())) raw.splice(index, 2);
+		const name = raw[index]!;
+		// Only a name as long as a door header's is lowercased: most never are.
+		const length = name.length;
+		if (length !== HEADER.length && length !== CONSUMER_HEADER.length) continue;
+		if (isDoorHeader(name.toLowerCase())) raw.splice(index, 2);
 	}
 	if (!("rawHeaders" in target)) {
 		delete headers[HEADER];
@@ -445,12 +453,29 @@ function wipeHeaders(target: object, headers: Headers, raw: string[]) {
 	}
 	const kept: Headers = {};
 	for (const name in headers) if (!isDoorHeader(name)) kept[name] = headers[name];
-	const distinct: Record<string, string[]> = {};
-	for (let index = 0; index < raw.length; index += 2) {
-		(distinct[raw[index]!.toLowerCase()] ??= []).push(raw[index + 1]!);
-	}
-	Object.assign(target, { headers: kept, headersDistinct: distinct });
+	(target as IncomingMessage).headers = kept as IncomingMessage["headers"];
+	Object.defineProperty(target, "headersDistinct", DISTINCT_FROM_RAW);
 }
+
+// One descriptor for every request: the getter builds headersDistinct as Node does, once.
+const WRITABLE = { writable: true, enumerable: true, configurable: true };
+const ownValue = (target: object, value: unknown) =>
+	Object.defineProperty(target, "headersDistinct", { value, ...WRITABLE });
+const DISTINCT_FROM_RAW = {
+	configurable: true,
+	enumerable: true,
+	get(this: IncomingMessage) {
+		const [raw, distinct] = [this.rawHeaders, {} as Record<string, string[]>];
+		for (let index = 0; index < raw.length; index += 2) {
+			(distinct[raw[index]!.toLowerCase()] ??= []).push(raw[index + 1]!);
+		}
+		ownValue(this, distinct);
+		return distinct;
+	},
+	set(this: IncomingMessage, value: unknown) {
+		ownValue(this, value);
+	},
+};
 
 // Node would end a `Connection: close` answer by closing at once, and the unread body would turn
 // the close into a reset that can overtake the 401. So the 401 goes out whole (its Content-Length
@@ -612,15 +637,15 @@ function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet:
 	const metric = (type: string, name: string, labelNames: string[], description: string) =>
 		registry.register({ type, name: `shared_secret.${name}`, labelNames, description });
 	const accepted = metric("counter", "accepted.total", ["entry"], "Requests let in, by entry");
-	const refused = metric("counter", "refused.total", ["reason"], "Requests refused, by reason");
+	const refusals = metric("counter", "refused.total", ["reason"], "Requests refused, by reason");
 	const lastSeen = metric("gauge", "last_seen.seconds", ["entry"], "Each entry's last use");
 	function copyToMetrics() {
 		tally.accepted.forEach((count, index) => accepted.set(count, { entry: index + 1 }));
 		tally.lastSeen.forEach((ms, index) =>
 			lastSeen.set(Math.floor(ms / 1000), { entry: index + 1 })
 		);
-		refused.set(tally.missing, { reason: "missing" });
-		refused.set(tally.invalid, { reason: "invalid" });
+		refusals.set(tally.missing, { reason: "missing" });
+		refusals.set(tally.invalid, { reason: "invalid" });
 	}
 	const timers: ReturnType<typeof setInterval>[] = [];
 	return {

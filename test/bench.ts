@@ -111,7 +111,7 @@ type Contender = {
 
 const BASELINE = "Baseline: no guard";
 const BASELINE_METRICS = "Baseline, metrics on";
-const contenders: Contender[] = [
+const allContenders: Contender[] = [
 	{ name: BASELINE, server: "baseline", secret: SECRET, expectedStatus: 200, versus: BASELINE },
 	{
 		name: "This template, right secret",
@@ -202,6 +202,12 @@ const contenders: Contender[] = [
 		target: 1.03,
 	},
 ];
+// BENCH_ONLY=door,emitFloor measures those servers alone, each against its reference.
+const only = process.env.BENCH_ONLY?.split(",");
+const contenders = allContenders.filter((contender) =>
+	!only || contender.name === BASELINE || contender.name === BASELINE_METRICS ||
+	only.includes(contender.server)
+);
 
 const metricsPorts = [await freePort(), await freePort()];
 const [indexTs, benchServer] = [
@@ -265,6 +271,8 @@ console.log(
 const servers: Record<string, Origin[]> = {};
 try {
 	for (const [name, { command, env }] of Object.entries(serverCommands)) {
+		// Only the servers that some contender measures are started.
+		if (!contenders.some((contender) => contender.server === name)) continue;
 		servers[name] = [];
 		for (let copy = 0; copy < PROCESSES; copy++) {
 			// LOGLEVEL=warn: no per-request log lines, in every contender alike.
