@@ -125,7 +125,7 @@ function createDoorOrExit() {
 	}
 	if (!config.secrets && !config.secretFile) {
 		exitWith(
-			"SHARED_SECRET or SHARED_SECRET_FILE: neither is set. Make one with: openssl rand -hex 32",
+			"Neither SHARED_SECRET nor SHARED_SECRET_FILE is set. Make one: openssl rand -hex 32",
 		);
 	}
 	try {

@@ -104,7 +104,7 @@ const exits: [string, Record<string, string | undefined>, RegExp][] = [
 	[
 		"SHARED_SECRET unset",
 		{ SHARED_SECRET: undefined },
-		/FATAL origin: SHARED_SECRET or SHARED_SECRET_FILE: neither is set\. Make one with: openssl/,
+		/FATAL origin: Neither SHARED_SECRET nor SHARED_SECRET_FILE is set\. Make one: openssl rand/,
 	],
 	[
 		"SHARED_SECRET short",
