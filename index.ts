@@ -7,7 +7,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { isIP } from "node:net";
 import { readFile } from "node:fs/promises";
 import type { Server } from "node:http";
-import { Errors, type LogLevels, ServiceBroker } from "moleculer";
+import { Errors, ServiceBroker } from "moleculer";
 import type { BrokerOptions, Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { type ApiSettingsSchema } from "moleculer-web";
 import { SharedSecretMiddleware } from "./middleware.ts";
