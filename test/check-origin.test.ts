@@ -134,14 +134,12 @@ test("PUBLIC_PATHS that open a protected alias fail that alias's rows", async ()
 });
 
 test("a WebSocket server on an unguarded server fails the upgrade rows", async () => {
-	// Everything else answers as the door would; only the upgrades switch.
-	const door = 'SharedSecret header="x-shared-secret"';
-	const server = http.createServer((_req, res) => {
-		res.writeHead(401, { "WWW-Authenticate": door, Connection: "close" }).end();
-	});
-	server.on("checkContinue", (_req, res) => {
-		res.writeHead(401, { "WWW-Authenticate": door, Connection: "close" }).end();
-	});
+	// An app whose requests meet door.express(), and whose server has a WebSocket server that
+	// nothing guards: upgrades never pass through the app.
+	const atDoor = SharedSecretMiddleware({ secrets: SECRET }).express();
+	const app = (req: http.IncomingMessage, res: http.ServerResponse) =>
+		atDoor(req, res, () => res.end("the app's own answer"));
+	const server = http.createServer(app).on("checkContinue", app);
 	server.on("upgrade", (_req, socket) => {
 		socket.end(
 			"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
