@@ -7,9 +7,13 @@
  *     const door = SharedSecretMiddleware({ secrets: "new,old", publicPaths: "GET /health" });
  *     const broker = new ServiceBroker({ middlewares: [door] });
  *
- * From the moleculer-shared-secret-origin template, tested with moleculer 0.15.2 + moleculer-web
- * 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It imports nothing
- * of its project: copy it alone, and compare it with the template's to update it.
+ * Version 2.0.0 of the moleculer-shared-secret-origin template, tested with moleculer 0.15.2 +
+ * moleculer-web 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It
+ * imports nothing of its project: copy it alone. To update a copy, compare it with the template's
+ * newest middleware.ts; docs/copy-the-door.md says what each version changed.
+ *
+ * Parts: 1. what the page promises; 2. the edges, each way into the server; 3. the options,
+ * checked; 4. the rotation report; 5. the factory: the door's state, and its hooks last.
  */
 import { timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
@@ -19,7 +23,7 @@ import type { ActionHandler, ActionSchema, Context, Service, ServiceBroker } fro
 import type { ServiceSchema } from "moleculer";
 import * as MoleculerWeb from "moleculer-web";
 
-// ==== 1. What the page promises: the options, the check, the comparison, the 401 ============
+// ==== 1. What the page promises: the options, the comparison, the 401, the check ============
 
 export type SharedSecretOptions = {
 	/** The secret, or several while you rotate ("new,old" or a list): entry 1 is current. */
@@ -42,22 +46,6 @@ const COMPARE_WIDTH = 256;
 // RFC 9110 §15.5.2: a 401 carries a challenge. It is no standard scheme: it names the header.
 const CHALLENGE = `SharedSecret header="${HEADER}"`;
 
-/** What the door let in: the method and the URL it checked, and the API gateway's consumer. */
-type Admission = { method: string; url: string; consumer: string | undefined };
-/** Why the door turned a request away, with its answer prebuilt for each kind of connection. */
-type Refusal = ReturnType<typeof createRefusal>;
-type Gateway = Service & {
-	settings: { onError?: unknown; logResponse?: string | null };
-	server?: Server | null;
-	routes?: { path: string }[];
-	sendError(req: Request, res: ServerResponse, error: Error): void;
-	resolveAlias?(url: string, method: string): unknown;
-	httpHandler(req: Request, res: ServerResponse, next?: unknown): unknown;
-};
-type Headers = Record<string, unknown>;
-type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
-type Request = IncomingMessage & { stream?: ServerHttp2Stream; baseUrl?: string };
-
 // moleculer-web's own error classes. ESM and esModuleInterop see its exports as `default`; a
 // CommonJS build without esModuleInterop sees them as the module itself.
 type WebErrors =
@@ -66,23 +54,27 @@ type WebErrors =
 const web = MoleculerWeb as unknown as { Errors: WebErrors; default?: { Errors: WebErrors } };
 const Errors = (web.default ?? web).Errors;
 
-// moleculer-web's own UnAuthorizedError and its JSON body, with the head that each kind of
-// connection needs: built once, as every refusal of one kind is the same.
+/** Why the door turned a request away, with its answer prebuilt for each kind of connection. */
+type Refusal = ReturnType<typeof createRefusal>;
+
+// moleculer-web's UnAuthorizedError as JSON, with the head that each kind of connection needs:
+// built once, as every refusal of one kind is the same.
 function createRefusal(reason: "missing" | "invalid", message: string, type: string) {
-	const error = Object.assign(new Errors.UnAuthorizedError(type, undefined), { message });
-	const body = JSON.stringify({ name: error.name, message, code: 401, type });
+	const { name } = new Errors.UnAuthorizedError(type, undefined);
+	const body = JSON.stringify({ name, message, code: 401, type });
 	const head = {
 		"Content-Type": "application/json; charset=utf-8",
 		"Content-Length": String(Buffer.byteLength(body)),
 		"WWW-Authenticate": CHALLENGE,
 	};
+	// A refusal whose body the door does not read closes its connection after the answer.
 	const closingHead = { ...head, Connection: "close" };
 	// An upgrade's socket has no response object: the 401 goes out as bytes.
-	const fields = Object.entries(closingHead).map(([name, value]) => `${name}: ${value}\r\n`);
+	const fields = Object.entries(closingHead).map(([field, value]) => `${field}: ${value}\r\n`);
 	const bytes = `HTTP/1.1 401 Unauthorized\r\n${fields.join("")}\r\n${body}`;
-	const lowerCase = Object.entries(head).map(([name, value]) => [name.toLowerCase(), value]);
+	const lowerCase = Object.entries(head).map(([field, value]) => [field.toLowerCase(), value]);
 	const http2Head = { ":status": 401, ...Object.fromEntries(lowerCase) };
-	return { reason, error, body, head, closingHead, bytes, http2Head };
+	return { reason, message, type, body, head, closingHead, bytes, http2Head };
 }
 const NO_SECRET = createRefusal("missing", "No secret provided", Errors.ERR_NO_TOKEN);
 const WRONG_SECRET = createRefusal("invalid", "Invalid secret", Errors.ERR_INVALID_TOKEN);
@@ -115,375 +107,314 @@ export function createSecretMatcher(secrets: readonly string[]): (presented: unk
 	};
 }
 
-export function SharedSecretMiddleware(options: SharedSecretOptions) {
-	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
-	if (!options || "createService" in options) {
-		const call = "middlewares: [SharedSecretMiddleware({ secrets })]";
-		throw configError(`SharedSecretMiddleware must be called: ${call}`);
-	}
-	// Every option is checked here, at the call, so a weak secret stops the process at start.
-	let secrets = readSecrets(options.secrets);
-	let whichSecret = createSecretMatcher(secrets);
-	const publicPaths = readPublicPaths(options.publicPaths);
-	const publicUrls = new Set([...publicPaths].map((item) => item.slice(item.indexOf(" ") + 1)));
-	const reportSeconds = readSeconds("reportSeconds", options.reportSeconds ?? 60);
-	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
-	// This door's own mark: another door in the same process neither sees nor sets it.
-	const admitted = Symbol("SharedSecretMiddleware admitted");
-	type Marked = { [admitted]?: Admission | undefined };
-	const zeros = () => secrets.map(() => 0);
-	const tally: Tally = { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 };
-	const gateways: Gateway[] = [];
-	const routeActions = new Set<string>();
-	let logger: ServiceBroker["logger"] | undefined;
-	let report: ReturnType<typeof createReport> | undefined;
+/** What the door let in: the method and URL it checked, and the API gateway's consumer. */
+type Admission = {
+	method: string;
+	url: string;
+	consumer: string | undefined;
+	routedUrl?: string; // The URL given to the gateway's httpHandler: `rest` routes it again.
+};
+/** A request or stream that a door may mark. Each door's mark is a Symbol of its own. */
+type Marked = { [mark: symbol]: Admission | undefined };
+type Headers = Record<string, unknown>;
+type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
+type Logger = ServiceBroker["logger"];
 
-	// The door itself. It removes both headers first, so no code after it ever sees them. A
-	// request it lets in gets this door's mark; one it turns away gets back the reason.
-	function check(
-		target: Marked,
-		headers: Headers,
-		raw: string[],
-		method: string,
-		url: string,
-		publicPathsApply: boolean,
-	): Refusal | undefined {
-		const presented = headers[HEADER];
-		const consumer = headers[CONSUMER_HEADER];
-		if (presented !== undefined || consumer !== undefined) wipeHeaders(target, headers, raw);
-		// A public path matches the method and the exact path before "?": no prefix, decoding
-		// or normalising, so "/health/../x", "//health" and "/health/" are not "/health".
-		// (The path alone is looked up first: most requests then build no string at all.)
-		if (publicPathsApply && publicPaths.size !== 0) {
-			const query = url.indexOf("?");
-			const path = query === -1 ? url : url.slice(0, query);
-			if (publicUrls.has(path) && publicPaths.has(`${method} ${path}`)) {
-				target[admitted] = { method, url, consumer: undefined };
-				return undefined;
-			}
-		}
-		if (!presented) return NO_SECRET;
-		const entry = whichSecret(presented);
-		if (entry === 0) return WRONG_SECRET;
-		tally.accepted[entry - 1]! += 1;
-		tally.lastSeen[entry - 1] = Date.now();
-		// Only with the secret is the consumer the API gateway's word.
-		const named = typeof consumer === "string" && consumer !== "" ? consumer : undefined;
-		target[admitted] = { method, url, consumer: named };
+/** One door's state: the factory (part 5) makes it, and every edge (part 2) reads it. */
+type Door = {
+	mark: symbol;
+	secrets: string[];
+	whichSecret: (presented: unknown) => number;
+	publicPaths: Set<string>;
+	/** The paths of `publicPaths`, without their methods: a first look that builds no string. */
+	publicUrls: Set<string>;
+	tally: Tally;
+	logger: Logger | undefined;
+};
+
+/** One request, upgrade or stream as the door reads it, whichever way it came in. */
+type Arrival = {
+	target: object;
+	headers: Headers;
+	rawHeaders: string[];
+	method: string;
+	url: string;
+	publicPathsApply: boolean;
+};
+
+// The check. It removes both door headers first (wipeHeaders, part 2), so no code after it ever
+// sees them. What it lets in gets this door's mark; what it turns away gets back the reason, for
+// the edge it came through to write (part 2).
+function check(door: Door, arrival: Arrival): Refusal | undefined {
+	const { target, headers, method, url } = arrival;
+	const presented = headers[HEADER];
+	const consumer = headers[CONSUMER_HEADER];
+	if (presented !== undefined || consumer !== undefined) wipeHeaders(arrival);
+	if (arrival.publicPathsApply && isPublic(door, method, url)) {
+		(target as Marked)[door.mark] = { method, url, consumer: undefined };
 		return undefined;
 	}
-
-	// Writes the 401 to an HTTP/1 request, or an HTTP/2 one through Node's compatibility API.
-	// `true` tells moleculer-web that the request is answered.
-	function rejectRequest(refusal: Refusal, req: Request, res: ServerResponse, gateway?: Gateway) {
-		countAndLog(refusal, req.method, req.url, gateway);
-		res.on("error", ignore);
-		const { "content-length": length = "0", "transfer-encoding": chunked } = req.headers;
-		const hasBody = req.httpVersionMajor === 1 && (length !== "0" || chunked !== undefined);
-		// Nobody makes the origin read a refused body: it stops reading it at once.
-		if (hasBody) req.socket?.pause();
-		if (typeof gateway?.settings.onError === "function") {
-			// A gateway `onError` gets a copy, so what it changes stays with this request.
-			res.setHeader("WWW-Authenticate", CHALLENGE);
-			if (hasBody) res.setHeader("Connection", "close");
-			const { error } = refusal;
-			const copy = Object.assign(Object.create(Object.getPrototypeOf(error)), error);
-			gateway.sendError(req, res, Object.assign(copy, { message: error.message }));
-		} else if (hasBody) {
-			answerThenClose(refusal, req, res);
-		} else {
-			res.writeHead(401, refusal.head).end(refusal.body);
-		}
-		return true;
-	}
-
-	// The door stands at each way into the server: part 2 below says where, and why.
-	return middleware();
-
-	// ==== 2. The edges: each way into the server, and why the door stands there ============
-
-	// The request's form of the check, for HTTP/1 and Node's HTTP/2 compatibility API alike.
-	function checkRequest(req: Request & Marked, url: string, publicPathsApply: boolean) {
-		return check(req, req.headers, req.rawHeaders, req.method ?? "", url, publicPathsApply);
-	}
-
-	// Counts a refusal, and logs one short line, as moleculer-web logs each response.
-	function countAndLog(refusal: Refusal, method: unknown, url: unknown, gateway?: Gateway) {
-		tally[refusal.reason] += 1;
-		const level = gateway ? gateway.settings.logResponse : "info";
-		const log = gateway?.logger ?? logger;
-		if (log && (level === "info" || level === "warn" || level === "debug")) {
-			log[level](`<= 401 ${cut(method)} ${cut(url)}`);
-		}
-	}
-
-	// Node starts every request, upgrade, CONNECT and HTTP/2 stream with server.emit, so the
-	// door wraps emit: each one meets the door before any listener (moleculer-web's, socket.io's,
-	// a WebSocket server's, whatever comes later), and the listeners stay as they are.
-	function guardServer(server: Server, gateway: Gateway | undefined) {
-		const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
-		server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
-			if (event === "stream") {
-				const [stream, headers] = args as [ServerHttp2Stream & Marked, Headers];
-				const [method, url] = [String(headers[":method"]), String(headers[":path"])];
-				const raw = (args[3] as string[] | undefined) ?? [];
-				const refusal = check(stream, headers, raw, method, url, method !== "CONNECT");
-				if (refusal) return rejectStream(refusal, stream, method, url, gateway);
-			} else if (REQUEST_EVENTS.has(event)) {
-				const req = args[0] as Request & Marked;
-				// One verdict per request: an HTTP/2 request met the door as its stream, and the
-				// checkContinue listener below emits `request` again.
-				if (req.stream) req[admitted] ??= (req.stream as Marked)[admitted];
-				// Public paths open plain requests only: a WebSocket on /health needs the secret.
-				const plain = event !== "upgrade" && event !== "connect";
-				const refusal = req[admitted] ? undefined : checkRequest(req, req.url ?? "", plain);
-				if (refusal && plain) {
-					return rejectRequest(refusal, req, args[1] as ServerResponse, gateway);
-				}
-				if (refusal) return rejectSocket(refusal, req, args[1] as Duplex, gateway);
-			}
-			return emit.call(this, event, ...args);
-		} as Server["emit"];
-		// Node answers `Expect: 100-continue` with "100 Continue" before any event, unless
-		// something listens for checkContinue. This listener does what Node would, after the door.
-		if (server.listenerCount("checkContinue") === 0) {
-			server.on("checkContinue", (req: Request, res: ServerResponse) => {
-				res.writeContinue();
-				server.emit("request", req, res);
-			});
-		}
-	}
-
-	// An upgrade's or a CONNECT's socket has no response object: the 401 goes out as bytes. Node
-	// took its own error listener off the socket before the event, so the door adds one first: a
-	// client that resets would crash the process otherwise. Node no longer counts the socket as
-	// its connection, so closeAllConnections() would never end it: the door does, within a bound.
-	function rejectSocket(refusal: Refusal, req: Request, socket: Duplex, gateway?: Gateway) {
-		countAndLog(refusal, req.method, req.url, gateway);
-		socket.on("error", ignore);
-		socket.end(refusal.bytes);
-		closeWithin(socket, LINGER_MS);
-		return true;
-	}
-
-	// A refused HTTP/2 stream may be reset already, or be a HEAD whose write side Node ended at
-	// `respond`: each write goes only where it may. A reset or a GOAWAY with an error code can
-	// end the stream between two lines, so an error listener comes first, and a throw from a
-	// stream that is gone is dropped with it.
-	function rejectStream(
-		refusal: Refusal,
-		stream: ServerHttp2Stream,
-		method: string,
-		url: string,
-		gateway?: Gateway,
-	) {
-		countAndLog(refusal, method, url, gateway);
-		stream.on("error", ignore);
-		try {
-			if (!stream.destroyed && !stream.headersSent) {
-				stream.respond(refusal.http2Head, { endStream: method === "HEAD" });
-			}
-			if (!stream.destroyed && !stream.writableEnded) stream.end(refusal.body);
-		} catch {
-			stream.destroy();
-		}
-		// The client may keep its side open for ever: the stream is closed within a bound.
-		closeWithin(stream, LINGER_MS);
-		return true;
-	}
-
-	// With `server: false`, your own server or Express calls the gateway's httpHandler: the door
-	// stands there too. A request that a door of this broker let in already is not checked again,
-	// but its method and URL must be the ones that door checked: Express's methodOverride or a
-	// URL rewrite placed after door.express() would otherwise route what the door never saw.
-	function guardHttpHandler(gateway: Gateway) {
-		const httpHandler = gateway.httpHandler;
-		gateway.httpHandler = function httpHandlerAfterTheDoor(req: Request & Marked, res, next) {
-			let admission = req[admitted];
-			if (admission === undefined) {
-				const refusal = checkRequest(req, req.url ?? "", true);
-				if (refusal) return rejectRequest(refusal, req, res, gateway);
-				admission = req[admitted]!;
-			} else if (req.method !== admission.method || !isSameUrl(req, admission.url)) {
-				return rejectRequest(NO_SECRET, req, res, gateway);
-			}
-			// Mounted in Express, the gateway routes the URL below its mount point.
-			admission.url = req.url ?? "";
-			return httpHandler.call(this, req, res, next);
-		};
-	}
-
-	// moleculer-web routes each request in its private `rest` action, and a broker retryPolicy
-	// calls it again with the URL it has rewritten. This puts back the URL the door let in, and
-	// refuses a request that never met this door, or whose method changed since.
-	function guardRest(next: ActionHandler): ActionHandler {
-		return function restAfterTheDoor(this: Service, ctx: Context) {
-			const { req, res } = ctx.params as { req: Request & Marked; res: ServerResponse };
-			const admission = req[admitted];
-			if (admission === undefined || req.method !== admission.method) {
-				return Promise.resolve(rejectRequest(NO_SECRET, req, res));
-			}
-			req.url = admission.url;
-			// A meta object of its own: moleculer-web may share one (rootCallOptions.meta).
-			const { consumer } = admission;
-			if (consumer !== undefined) ctx.meta = { ...ctx.meta, consumer };
-			return next.call(this, ctx);
-		};
-	}
-
-	type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
-
-	// A gateway's addRoute and removeRoute are protected (keepRoutesLocal), yet a crafted REQUEST
-	// packet from the transporter could still name them: the door drops it before any action.
-	function dropRouteCalls(next: PacketHandler): PacketHandler {
-		return (cmd, packet) => {
-			const action = cmd === "REQ" ? packet?.payload?.action : undefined;
-			if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
-			const line = `dropped a call to ${action} from the transporter.`;
-			logger?.warn(`SharedSecretMiddleware: ${line}`);
-			return Promise.resolve(false);
-		};
-	}
-
-	// Where the door meets Moleculer. No `name`: moleculer 0.14 types a middleware as hooks only.
-	function middleware() {
-		return {
-			created(broker: ServiceBroker) {
-				logger = broker.logger;
-				report = createReport(broker, tally, reportSeconds, quietSeconds);
-				const listed = [...publicPaths].join(", ") || "none";
-				logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
-			},
-			serviceCreating(_service: Service, schema: ServiceSchema) {
-				if (isGateway(schema)) keepRoutesLocal(schema);
-			},
-			// A gateway's server exists once its own `created` has run.
-			serviceCreated(service: Service) {
-				if (!isGateway(service.schema)) return;
-				const gateway = service as Gateway;
-				gateways.push(gateway);
-				const name = gateway.fullName;
-				routeActions.add(`${name}.addRoute`).add(`${name}.removeRoute`);
-				if (gateway.server) guardServer(gateway.server, gateway);
-				guardHttpHandler(gateway);
-			},
-			localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
-				const { rawName, service } = action as ActionSchema & { rawName?: string };
-				return rawName === "rest" && isGateway(service?.schema) ? guardRest(next) : next;
-			},
-			// Moleculer hands this hook every packet from the transporter, before any action. (Its
-			// 0.15 types say the hook returns a Promise; it returns the handler, as in 0.14.)
-			transitMessageHandler: dropRouteCalls as never,
-			started(broker: ServiceBroker) {
-				warnOfUnmatchedPublicPaths(broker.logger, publicPaths, gateways);
-				report?.start();
-				return Promise.resolve();
-			},
-			stopped: () => Promise.resolve(report?.stop()),
-
-			/** For an Express app: `app.use(door.express())`, before every other middleware. */
-			express() {
-				return function sharedSecretDoor(
-					req: Request,
-					res: ServerResponse,
-					next: () => void,
-				) {
-					const url = req.baseUrl ? req.baseUrl + req.url : req.url ?? "";
-					const refusal = checkRequest(req, url, true);
-					if (refusal) rejectRequest(refusal, req, res);
-					else next();
-				};
-			},
-
-			/** Any other server, an Express app's for its upgrades: `door.guard(server)`. */
-			guard(server: unknown) {
-				guardServer(server as Server, undefined);
-			},
-
-			/**
-			 * Replaces the secrets while the origin runs, given as the `secrets` option is. If
-			 * the new ones fail its checks, it throws and changes nothing. (`unknown`: moleculer
-			 * 0.14 types every member of a middleware as a hook.)
-			 */
-			setSecrets(replacement: unknown) {
-				const next = readSecrets(replacement);
-				whichSecret = createSecretMatcher(next);
-				report?.rotated(secrets, next);
-				secrets = next;
-				const entries = `${next.length} ${next.length === 1 ? "entry" : "entries"}`;
-				logger?.info(
-					`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`,
-				);
-			},
-		};
-	}
+	if (!presented) return NO_SECRET;
+	const entry = door.whichSecret(presented);
+	if (entry === 0) return WRONG_SECRET;
+	door.tally.accepted[entry - 1]! += 1;
+	door.tally.lastSeen[entry - 1] = Date.now();
+	// Only with the secret is the consumer the API gateway's word.
+	const named = typeof consumer === "string" && consumer !== "" ? consumer : undefined;
+	(target as Marked)[door.mark] = { method, url, consumer: named };
+	return undefined;
 }
+
+// A public path matches the method and the exact path before "?": no prefix, decoding or
+// normalising, so "/health/../x", "//health" and "/health/" are not "/health". It is the path
+// as the client sent it, whichever piece of the door meets the request.
+function isPublic(door: Door, method: string, url: string): boolean {
+	if (door.publicPaths.size === 0) return false;
+	const query = url.indexOf("?");
+	const path = query === -1 ? url : url.slice(0, query);
+	return door.publicUrls.has(path) && door.publicPaths.has(`${method} ${path}`);
+}
+
+// ==== 2. The edges: each way into the server, and why the door stands there =================
+
+// What Express adds: `baseUrl`, the mount path taken off `url`; `originalUrl`, the client's URL.
+type Request = IncomingMessage & Marked & {
+	stream?: ServerHttp2Stream & Marked;
+	baseUrl?: string;
+	originalUrl?: string;
+};
+type Gateway = Service & {
+	settings: { onError?: unknown; logResponse?: string | null };
+	server?: Server | null;
+	routes?: { path: string }[];
+	sendError(req: Request, res: ServerResponse, error: Error): void;
+	resolveAlias?(url: string, method: string): unknown;
+	httpHandler(req: Request, res: ServerResponse, next?: unknown): unknown;
+};
 
 // A refused connection is closed this long after its 401, whatever the client does.
 const LINGER_MS = 500;
 const ignore = () => {};
-// The server events that start a request, an upgrade or a tunnel: each meets the door.
-const REQUEST_EVENTS = new Set([
-	"request",
-	"checkContinue",
-	"checkExpectation",
-	"upgrade",
-	"connect",
-]);
-const isDoorHeader = (name: string) => name === HEADER || name === CONSUMER_HEADER;
 
-// Removes both door headers from every form of the request's headers, so a service that
-// forwards copied headers sends neither. An HTTP/1 request gets `headers` as a copy through Node's
-// public setter (a `delete` would make it a slow dictionary), and `headersDistinct` as an own
-// property, built on first use from the wiped raw headers: Node would build it from a count that
-// no longer holds, and building it for every request would cost more than the whole check.
-// An HTTP/2 stream's headers are a dictionary already.
-function wipeHeaders(target: object, headers: Headers, raw: string[]) {
-	for (let index = raw.length - 2; index >= 0; index -= 2) {
-		const name = raw[index]!;
-		// Only a name as long as a door header's is lowercased: most never are.
-		const length = name.length;
-		if (length !== HEADER.length && length !== CONSUMER_HEADER.length) continue;
-		if (isDoorHeader(name.toLowerCase())) raw.splice(index, 2);
+// Every way in that Node's servers emit: what each starts, how its refusal is written, and
+// whether public paths open it. Public paths open plain requests only: an upgrade (WebSocket,
+// socket.io) or a tunnel needs the secret whatever its path.
+//
+//   event             starts                               refusal written by   public paths
+//   request           an HTTP/1 request, or an HTTP/2 one   rejectRequest        yes
+//                     through the compatibility API
+//   checkContinue     a request with Expect: 100-continue   rejectRequest        yes
+//   checkExpectation  a request with another Expect         rejectRequest        yes
+//   upgrade           a WebSocket or socket.io upgrade      rejectSocket         no
+//   connect           an HTTP/1 CONNECT tunnel              rejectSocket         no
+//   stream            an HTTP/2 stream                      rejectStream         yes, but CONNECT
+const ENTRY_POINTS = new Map(
+	[
+		["request", { writer: "response", publicPathsApply: true }],
+		["checkContinue", { writer: "response", publicPathsApply: true }],
+		["checkExpectation", { writer: "response", publicPathsApply: true }],
+		["upgrade", { writer: "socket", publicPathsApply: false }],
+		["connect", { writer: "socket", publicPathsApply: false }],
+		["stream", { writer: "stream", publicPathsApply: true }],
+	] as const,
+);
+
+// Node starts each entry point with server.emit, so the door wraps emit. A listener would not
+// do: an emitter calls every listener, so one that refuses cannot keep the others (moleculer-web,
+// socket.io, a WebSocket server) from answering too, and prependListener can put a later one in
+// front. Wrapped, emit reaches the listeners only for what the door let in, whatever listens.
+function guardServer(door: Door, server: Server, gateway: Gateway | undefined) {
+	const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
+	server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
+		const entryPoint = ENTRY_POINTS.get(event as "request");
+		if (entryPoint?.writer === "stream") {
+			if (refuseStream(door, args, gateway)) return true;
+		} else if (entryPoint) {
+			const req = args[0] as Request;
+			// One verdict per request: an HTTP/2 request met the door as its stream, and the
+			// checkContinue listener below emits `request` again for a request let in.
+			if (req.stream) req[door.mark] ??= req.stream[door.mark];
+			const refusal = req[door.mark] ? undefined : checkRequest(door, req, entryPoint);
+			if (refusal && entryPoint.writer === "response") {
+				return rejectRequest(door, refusal, req, args[1] as ServerResponse, gateway);
+			}
+			if (refusal) return rejectSocket(door, refusal, req, args[1] as Duplex, gateway);
+		}
+		return emit.call(this, event, ...args);
+	} as Server["emit"];
+	// Node answers `Expect: 100-continue` with "100 Continue" before any event, unless
+	// something listens for checkContinue. This listener does what Node would, after the door.
+	if (server.listenerCount("checkContinue") === 0) {
+		server.on("checkContinue", (req: Request, res: ServerResponse) => {
+			res.writeContinue();
+			server.emit("request", req, res);
+		});
 	}
-	if (!("rawHeaders" in target)) {
-		delete headers[HEADER];
-		delete headers[CONSUMER_HEADER];
-		return;
-	}
-	const kept: Headers = {};
-	for (const name in headers) if (!isDoorHeader(name)) kept[name] = headers[name];
-	(target as IncomingMessage).headers = kept as IncomingMessage["headers"];
-	Object.defineProperty(target, "headersDistinct", DISTINCT_FROM_RAW);
 }
 
-// One descriptor for every request: the getter builds headersDistinct as Node does, once.
-const WRITABLE = { writable: true, enumerable: true, configurable: true };
-const ownValue = (target: object, value: unknown) =>
-	Object.defineProperty(target, "headersDistinct", { value, ...WRITABLE });
-const DISTINCT_FROM_RAW = {
-	configurable: true,
-	enumerable: true,
-	get(this: IncomingMessage) {
-		const [raw, distinct] = [this.rawHeaders, {} as Record<string, string[]>];
-		for (let index = 0; index < raw.length; index += 2) {
-			(distinct[raw[index]!.toLowerCase()] ??= []).push(raw[index + 1]!);
-		}
-		ownValue(this, distinct);
-		return distinct;
-	},
-	set(this: IncomingMessage, value: unknown) {
-		ownValue(this, value);
-	},
-};
+// The check, for HTTP/1 and Node's HTTP/2 compatibility API alike.
+function checkRequest(
+	door: Door,
+	req: Request,
+	entryPoint: { publicPathsApply: boolean },
+	url = req.url ?? "",
+) {
+	const { headers, rawHeaders, method = "" } = req;
+	const { publicPathsApply } = entryPoint;
+	return check(door, { target: req, headers, rawHeaders, method, url, publicPathsApply });
+}
 
-// Node would end a `Connection: close` answer by closing at once, and the unread body would turn
-// the close into a reset that can overtake the 401. So the 401 goes out whole (its Content-Length
-// says so), and the socket closes a moment later. (Deno's node:http closes the same way.)
-function answerThenClose(refusal: Refusal, req: Request, res: ServerResponse) {
-	res.writeHead(401, refusal.closingHead);
-	res.write(refusal.body);
-	closeWithin(req.socket, LINGER_MS);
+// The one writer of a 401 to an HTTP/1 request, or an HTTP/2 one through Node's compatibility
+// API. It returns `true`, which tells moleculer-web and Node's emit that the request is answered.
+function rejectRequest(
+	door: Door,
+	refusal: Refusal,
+	req: Request,
+	res: ServerResponse,
+	gateway?: Gateway,
+) {
+	countAndLog(door, refusal, req.method, req.url, gateway);
+	res.on("error", ignore);
+	// HTTP/1 only: an HTTP/2 request's body is its own stream, and its socket carries others.
+	const { "content-length": length = "0", "transfer-encoding": chunked } = req.headers;
+	const hasBody = req.httpVersionMajor === 1 && (length !== "0" || chunked !== undefined);
+	// Nobody makes the origin read a refused body: it stops reading it at once, and the socket
+	// closes a moment after the whole 401. (Node would close a `Connection: close` answer at
+	// once, and the unread body would turn that close into a reset that can overtake the 401.)
+	if (hasBody) {
+		req.socket?.pause();
+		closeWithin(req.socket, LINGER_MS);
+	}
+	if (typeof gateway?.settings.onError === "function") {
+		res.setHeader("WWW-Authenticate", CHALLENGE);
+		if (hasBody) res.setHeader("Connection", "close");
+		// An error of this request's own: the gateway's `onError` may change what it gets.
+		const error = new Errors.UnAuthorizedError(refusal.type, undefined);
+		gateway.sendError(req, res, Object.assign(error, { message: refusal.message }));
+	} else {
+		res.writeHead(401, hasBody ? refusal.closingHead : refusal.head);
+		// Without end(), as Node would end the socket at once; closeWithin ends it instead.
+		if (hasBody) res.write(refusal.body);
+		else res.end(refusal.body);
+	}
+	return true;
+}
+
+// Node emits `stream` with (stream, headers, flags, rawHeaders): a stream has no request object,
+// so its headers and raw headers are the event's. A CONNECT stream opens a tunnel.
+function refuseStream(door: Door, args: unknown[], gateway: Gateway | undefined): boolean {
+	const [stream, headers, , rawHeaders = []] = args as [ServerHttp2Stream, Headers, 0, string[]];
+	const [method, url] = [String(headers[":method"]), String(headers[":path"])];
+	const publicPathsApply = method !== "CONNECT";
+	const refusal = check(door, {
+		target: stream,
+		headers,
+		rawHeaders,
+		method,
+		url,
+		publicPathsApply,
+	});
+	if (refusal) rejectStream(door, refusal, stream, method, url, gateway);
+	return refusal !== undefined;
+}
+
+// The one writer of a 401 to an upgrade's or a CONNECT's socket: it has no response object, so
+// the 401 goes out as bytes. Node took its own error listener off the socket before the event,
+// so the door adds one first: a client that resets would crash the process otherwise. Node no
+// longer counts the socket as its connection, so closeAllConnections() would never end it: the
+// door does, within a bound.
+function rejectSocket(
+	door: Door,
+	refusal: Refusal,
+	req: Request,
+	socket: Duplex,
+	gateway?: Gateway,
+) {
+	countAndLog(door, refusal, req.method, req.url, gateway);
+	socket.on("error", ignore);
+	socket.end(refusal.bytes);
+	closeWithin(socket, LINGER_MS);
+	return true;
+}
+
+// The one writer of a 401 to an HTTP/2 stream. A refused stream may be reset already, or be a
+// HEAD whose write side Node ended at `respond`: each write goes only where it may. A reset or a
+// GOAWAY with an error code can end the stream between two lines, so an error listener comes
+// first, and a throw from a stream that is gone is dropped with it.
+function rejectStream(
+	door: Door,
+	refusal: Refusal,
+	stream: ServerHttp2Stream,
+	method: string,
+	url: string,
+	gateway?: Gateway,
+) {
+	countAndLog(door, refusal, method, url, gateway);
+	stream.on("error", ignore);
+	try {
+		if (!stream.destroyed && !stream.headersSent) {
+			stream.respond(refusal.http2Head, { endStream: method === "HEAD" });
+		}
+		if (!stream.destroyed && !stream.writableEnded) stream.end(refusal.body);
+	} catch {
+		stream.destroy();
+	}
+	// The client may keep its side open for ever: the stream is closed within a bound.
+	closeWithin(stream, LINGER_MS);
+}
+
+// Counts a refusal, and logs one short line, as moleculer-web logs each response: at the level
+// of the gateway's `logResponse` ("info" by default; null logs none), or "info" where the door
+// stands in front of no gateway (door.guard, door.express).
+function countAndLog(
+	door: Door,
+	refusal: Refusal,
+	method: unknown,
+	url: unknown,
+	gateway?: Gateway,
+) {
+	door.tally[refusal.reason] += 1;
+	const level = gateway ? gateway.settings.logResponse : "info";
+	const log = (gateway?.logger ?? door.logger) as Record<string, unknown> | undefined;
+	const write = level ? log?.[level] : undefined;
+	if (typeof write === "function") {
+		write.call(log, `<= 401 ${printable(method)} ${printable(url)}`);
+	}
+}
+
+// With `server: false`, your own server or Express calls the gateway's httpHandler: the door
+// stands there too, with the same rule as door.express() (below).
+function guardHttpHandler(door: Door, gateway: Gateway) {
+	const httpHandler = gateway.httpHandler;
+	gateway.httpHandler = function httpHandlerAfterTheDoor(req: Request, res, next) {
+		const refusal = admitOnce(door, req);
+		if (refusal) return rejectRequest(door, refusal, req, res, gateway);
+		// Mounted in Express, the gateway routes the URL below its mount point.
+		req[door.mark]!.routedUrl = req.url ?? "";
+		return httpHandler.call(this, req, res, next);
+	};
+}
+
+/** For an Express app: the door in front of every route, door.express() in part 5. */
+function guardExpress(door: Door) {
+	return function sharedSecretDoor(req: IncomingMessage, res: ServerResponse, next: () => void) {
+		const refusal = admitOnce(door, req as Request);
+		if (refusal) rejectRequest(door, refusal, req as Request, res);
+		else next();
+	};
+}
+
+// A request that this door let in already (door.guard on the app's server, or door.express()
+// before the gateway) is not checked again: its headers are gone. But its method and URL must be
+// the ones the door checked: Express's methodOverride or a URL rewrite placed after the door would
+// otherwise route what the door never saw. Public paths are matched against the URL as the client
+// sent it, Express's `originalUrl`, so they mean the same whichever pieces are on.
+function admitOnce(door: Door, req: Request) {
+	const request = { publicPathsApply: true };
+	const refusal = req[door.mark] ? undefined : checkRequest(door, req, request, req.originalUrl);
+	if (refusal) return refusal;
+	const { method, url } = req[door.mark]!;
+	return req.method === method && isSameUrl(req, url) ? undefined : NO_SECRET;
 }
 
 // Express mounts move their path from req.url into req.baseUrl, and add a "/" where nothing is
@@ -494,10 +425,104 @@ function isSameUrl(req: Request, url: string): boolean {
 	return !!base && (base + req.url === url || base + req.url?.slice(1) === url);
 }
 
+// moleculer-web routes each request in its private `rest` action, and a broker retryPolicy
+// calls it again with the URL it has rewritten. This puts back the URL the door let in, and
+// refuses a request that never met this door, or whose method changed since.
+function guardRest(door: Door, next: ActionHandler): ActionHandler {
+	return function restAfterTheDoor(this: Service, ctx: Context) {
+		const { req, res } = ctx.params as { req: Request; res: ServerResponse };
+		const admission = req[door.mark];
+		if (admission === undefined || req.method !== admission.method) {
+			return Promise.resolve(rejectRequest(door, NO_SECRET, req, res));
+		}
+		req.url = admission.routedUrl ?? admission.url;
+		// A meta object of its own: moleculer-web may share one (rootCallOptions.meta).
+		const { consumer } = admission;
+		if (consumer !== undefined) ctx.meta = { ...ctx.meta, consumer };
+		return next.call(this, ctx);
+	};
+}
+
+type PacketHandler = (cmd: string, packet: { payload?: { action?: string } }) => unknown;
+
+// A gateway's addRoute and removeRoute are protected (keepRoutesLocal), yet a crafted REQUEST
+// packet from the transporter could still name them: the door drops it before any action.
+// Moleculer's own handler answers a packet it drops with Promise.resolve(false): so does this.
+function dropRouteCalls(door: Door, routeActions: Set<string>) {
+	return (next: PacketHandler): PacketHandler => (cmd, packet) => {
+		const action = cmd === "REQ" ? packet?.payload?.action : undefined;
+		if (action === undefined || !routeActions.has(action)) return next(cmd, packet);
+		door.logger?.warn(
+			`SharedSecretMiddleware: dropped a call to ${action} from the transporter.`,
+		);
+		return Promise.resolve(false);
+	};
+}
+
+// Removes both door headers from every form of the request's headers, so a service that
+// forwards copied headers sends neither. An HTTP/1 request gets `headers` as a copy through Node's
+// public setter (a `delete` would make it a slow dictionary), and `headersDistinct` as an own
+// property, built on first use from the wiped raw headers: Node would build it from a count that
+// no longer holds, and building it for every request would cost more than the whole check.
+// An HTTP/2 stream's headers are a dictionary already.
+function wipeHeaders({ target, headers, rawHeaders }: Arrival) {
+	for (let index = rawHeaders.length - 2; index >= 0; index -= 2) {
+		const field = rawHeaders[index]!;
+		// Only a name as long as a door header's is lowercased: most never are.
+		const length = field.length;
+		if (length !== HEADER.length && length !== CONSUMER_HEADER.length) continue;
+		if (isDoorHeader(field.toLowerCase())) rawHeaders.splice(index, 2);
+	}
+	if (!("rawHeaders" in target)) {
+		delete headers[HEADER];
+		delete headers[CONSUMER_HEADER];
+		return;
+	}
+	const kept: Headers = {};
+	for (const field in headers) if (!isDoorHeader(field)) kept[field] = headers[field];
+	(target as IncomingMessage).headers = kept as IncomingMessage["headers"];
+	Object.defineProperty(target, "headersDistinct", DISTINCT_FROM_RAW);
+}
+
+const isDoorHeader = (field: string) => field === HEADER || field === CONSUMER_HEADER;
+
+// One descriptor for every request: the getter builds headersDistinct as Node does, once.
+const WRITABLE = { writable: true, enumerable: true, configurable: true };
+const ownValue = (target: object, value: unknown) =>
+	Object.defineProperty(target, "headersDistinct", { value, ...WRITABLE });
+const DISTINCT_FROM_RAW = {
+	configurable: true,
+	enumerable: true,
+	get(this: IncomingMessage) {
+		const [rawHeaders, distinct] = [this.rawHeaders, {} as Record<string, string[]>];
+		for (let index = 0; index < rawHeaders.length; index += 2) {
+			(distinct[rawHeaders[index]!.toLowerCase()] ??= []).push(rawHeaders[index + 1]!);
+		}
+		ownValue(this, distinct);
+		return distinct;
+	},
+	set(this: IncomingMessage, value: unknown) {
+		ownValue(this, value);
+	},
+};
+
 // Ends a refused connection within a bound, whatever the client does. unref(): the timer never
 // keeps a stopping process alive.
 function closeWithin(connection: { destroy(): unknown } | null | undefined, ms: number) {
 	if (connection) setTimeout(() => connection.destroy(), ms).unref();
+}
+
+// The caller chose the method and the URL. A refusal's line holds 120 characters of each, and
+// escapes every control character (C0, DEL and C1, Unicode's Cc): a terminal obeys some of them.
+function printable(value: unknown, length = 120): string {
+	const text = String(value);
+	const cut = text.length <= length
+		? text
+		: `${text.slice(0, length)}... (${text.length} characters)`;
+	return cut.replace(
+		/\p{Cc}/gu,
+		(control) => `\\x${control.charCodeAt(0).toString(16).padStart(2, "0")}`,
+	);
 }
 
 // A moleculer-web gateway, whatever it is called, has these two methods.
@@ -516,37 +541,38 @@ function keepRoutesLocal(schema: ServiceSchema) {
 	}
 }
 
-// A warning, not an error: a route can come later (addRoute, autoAliases), and then match. Only
-// gateways with a server of their own count: behind Express, public paths are the app's.
-function warnOfUnmatchedPublicPaths(
-	logger: ServiceBroker["logger"],
-	publicPaths: Set<string>,
-	gateways: Gateway[],
-) {
+// Warnings, not errors: a route can come later (addRoute, autoAliases), and then match. A public
+// path is the full path the client sends. On a gateway with a server of its own, it must match
+// an alias. A gateway without one is mounted (in Express): there, an item that matches an alias
+// as it stands is likely written below the mount point, where it opens nothing.
+function warnOfPublicPaths(logger: Logger, publicPaths: Set<string>, gateways: Gateway[]) {
 	const served = gateways.filter((gateway) => gateway.server && gateway.resolveAlias);
+	const mounted = gateways.filter((gateway) => !gateway.server && gateway.resolveAlias);
 	const routes = served.flatMap((gateway) => (gateway.routes ?? []).map((route) => route.path));
-	for (const path of served.length ? publicPaths : []) {
-		const [method, url] = path.split(" ") as [string, string];
-		if (served.some((gateway) => gateway.resolveAlias!(url, method))) continue;
-		logger.warn(
-			`SharedSecretMiddleware: public path "${path}" matches no alias of the routes ` +
-				`${routes.join(", ")}. Write the full path, the route's path included.`,
-		);
+	for (const item of publicPaths) {
+		const [method, url] = item.split(" ") as [string, string];
+		const matches = (gateway: Gateway) => !!gateway.resolveAlias!(url, method);
+		if (served.length && !served.some(matches)) {
+			logger.warn(
+				`SharedSecretMiddleware: public path "${item}" matches no alias of the routes ` +
+					`${routes.join(", ")}. Write the full path, the route's path included.`,
+			);
+		}
+		if (mounted.some(matches)) {
+			logger.warn(
+				`SharedSecretMiddleware: public path "${item}" matches an alias of a mounted ` +
+					`gateway as it stands. Public paths are full paths, as the client sends them: ` +
+					`under app.use("/api", gateway.express()), write "${method} /api${url}".`,
+			);
+		}
 	}
-}
-
-// The caller chose the method and the URL, so a refusal's log line holds only this much of each.
-function cut(value: unknown, length = 120): string {
-	const text = String(value);
-	if (text.length <= length) return text;
-	return `${text.slice(0, length)}... (${text.length} characters)`;
 }
 
 // ==== 3. The options, checked at the call ==================================================
 
 // The messages never hold the value: they go to the logs.
-function readSecrets(raw: unknown): string[] {
-	const list = typeof raw === "string" ? raw.split(",") : Array.isArray(raw) ? raw : [];
+function readSecrets(value: unknown): string[] {
+	const list = typeof value === "string" ? value.split(",") : Array.isArray(value) ? value : [];
 	const secrets = list.map((secret) => String(secret).trim());
 	const make = "Make one with: openssl rand -hex 32";
 	if (secrets.every((secret) => secret === "")) {
@@ -572,8 +598,8 @@ function readSecrets(raw: unknown): string[] {
 	return secrets;
 }
 
-function readPublicPaths(raw: string | readonly string[] | undefined): Set<string> {
-	const list = typeof raw === "string" ? raw.split(",") : [...(raw ?? [])];
+function readPublicPaths(value: string | readonly string[] | undefined): Set<string> {
+	const list = typeof value === "string" ? value.split(",") : [...(value ?? [])];
 	const paths = new Set<string>();
 	for (const text of list.map((item) => String(item).trim()).filter(Boolean)) {
 		const [, method, path] = /^([A-Z]+) (\/\S*)$/.exec(text.replace(/\s+/, " ")) ?? [];
@@ -611,14 +637,21 @@ function configError(message: string): Error {
 
 type Metric = { set(value: number, labels: Record<string, string | number>): void };
 
+// An entry keeps its counts only while the same secret holds its position. Called whenever the
+// secrets change, with a broker or before one exists, so the tally always has one slot an entry.
+function resizeTally(tally: Tally, before: string[], after: string[]) {
+	const kept = (counts: number[]) => after.map((it, i) => (before[i] === it ? counts[i]! : 0));
+	[tally.accepted, tally.lastSeen] = [kept(tally.accepted), kept(tally.lastSeen)];
+}
+
 // Every `every` seconds it logs how many requests used each entry after the first (those a
 // rotation removes), and once, that one unused for `quiet` seconds can be removed. With the
 // broker's metrics on, the counts go to Moleculer's registry once a second.
-function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet: number) {
+function createRotationReport(broker: ServiceBroker, tally: Tally, every: number, quiet: number) {
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
 	const [period, quietFor] = [duration(every), duration(quiet)];
 	let [reported, since, saidQuiet] = [[...tally.accepted], Date.now(), [] as boolean[]];
-	function report() {
+	function logUsage() {
 		for (let index = 1; index < tally.accepted.length; index++) {
 			const entry = `secrets entry ${index + 1} of ${tally.accepted.length}`;
 			const used = tally.accepted[index]! - (reported[index] ?? 0);
@@ -653,18 +686,114 @@ function createReport(broker: ServiceBroker, tally: Tally, every: number, quiet:
 			const count = tally.accepted.length;
 			if (count > 1) log(`${count} secrets; entry 1 is the current one.`);
 			// unref(): the timers never keep a stopping process alive.
-			timers.push(setInterval(report, every * 1000).unref());
+			timers.push(setInterval(logUsage, every * 1000).unref());
 			if (broker.isMetricsEnabled()) timers.push(setInterval(copyToMetrics, 1000).unref());
 		},
 		stop: () => timers.forEach(clearInterval),
-		// An entry keeps its counts only while the same secret holds its position.
-		rotated(before: string[], after: string[]) {
-			const kept = (list: number[]) =>
-				after.map((it, i) => (before[i] === it ? list[i]! : 0));
-			[tally.accepted, tally.lastSeen] = [kept(tally.accepted), kept(tally.lastSeen)];
+		// After resizeTally: the next report counts from now.
+		restart() {
 			[reported, since, saidQuiet] = [[...tally.accepted], Date.now(), []];
 		},
 	};
 }
 
 const duration = (s: number) => (s % 60 ? `${s} s` : `${s / 60} minute${s === 60 ? "" : "s"}`);
+
+// ==== 5. The door: its state, the check at each edge, and the hooks =========================
+
+export function SharedSecretMiddleware(options: SharedSecretOptions) {
+	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
+	if (!options || "createService" in options) {
+		const call = "middlewares: [SharedSecretMiddleware({ secrets })]";
+		throw configError(`SharedSecretMiddleware must be called: ${call}`);
+	}
+	// Every option is checked here, at the call, so a weak secret stops the process at start.
+	const secrets = readSecrets(options.secrets);
+	const publicPaths = readPublicPaths(options.publicPaths);
+	const reportSeconds = readSeconds("reportSeconds", options.reportSeconds ?? 60);
+	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
+	const zeros = () => secrets.map(() => 0);
+	const door: Door = {
+		// Set on what this door let in: another door in the same process neither sees nor sets it.
+		mark: Symbol("SharedSecretMiddleware admitted"),
+		secrets,
+		whichSecret: createSecretMatcher(secrets),
+		publicPaths,
+		publicUrls: new Set([...publicPaths].map((item) => item.slice(item.indexOf(" ") + 1))),
+		tally: { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 },
+		logger: undefined,
+	};
+	const gateways: Gateway[] = [];
+	const routeActions = new Set<string>();
+	let rotationReport: ReturnType<typeof createRotationReport> | undefined;
+
+	// Where the door meets Moleculer. No `name`: moleculer 0.14 types a middleware as hooks only,
+	// and so each member that is not a hook takes `unknown`.
+	return {
+		created(broker: ServiceBroker) {
+			door.logger = broker.logger;
+			rotationReport = createRotationReport(broker, door.tally, reportSeconds, quietSeconds);
+			const listed = [...publicPaths].join(", ") || "none";
+			door.logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
+		},
+		serviceCreating(_service: Service, schema: ServiceSchema) {
+			if (isGateway(schema)) keepRoutesLocal(schema);
+		},
+		// A gateway's server exists once its own `created` has run.
+		serviceCreated(service: Service) {
+			if (!isGateway(service.schema)) return;
+			const gateway = service as Gateway;
+			gateways.push(gateway);
+			routeActions.add(`${gateway.fullName}.addRoute`).add(`${gateway.fullName}.removeRoute`);
+			if (gateway.server) guardServer(door, gateway.server, gateway);
+			guardHttpHandler(door, gateway);
+		},
+		localAction(next: ActionHandler, action: ActionSchema): ActionHandler {
+			const { rawName, service } = action as ActionSchema & { rawName?: string };
+			return rawName === "rest" && isGateway(service?.schema) ? guardRest(door, next) : next;
+		},
+		// Moleculer hands this hook every packet from the transporter, before any action. (Its
+		// 0.15 types say the hook returns a Promise; it returns the handler, as in 0.14.)
+		transitMessageHandler: dropRouteCalls(door, routeActions) as never,
+		started(broker: ServiceBroker) {
+			warnOfPublicPaths(broker.logger, publicPaths, gateways);
+			rotationReport?.start();
+			return Promise.resolve();
+		},
+		stopped: () => Promise.resolve(rotationReport?.stop()),
+
+		/** For an Express app: `app.use(door.express())`, before every other middleware. */
+		express: () => guardExpress(door),
+
+		/** Any other server, an Express app's for its upgrades: `door.guard(server)`. */
+		guard(server: unknown) {
+			guardServer(door, server as Server, undefined);
+		},
+
+		/**
+		 * The consumer that the API gateway named on a request this door let in, or undefined:
+		 * for a WebSocket or socket.io handler, which has no `ctx.meta` (`ws`: the request of
+		 * `connection`; socket.io: `socket.request`).
+		 */
+		consumerOf(request: unknown): string | undefined {
+			const marked = request as Marked | null | undefined;
+			return marked?.[door.mark]?.consumer;
+		},
+
+		/**
+		 * Replaces the secrets while the origin runs, given as the `secrets` option is. If
+		 * the new ones fail its checks, it throws and changes nothing.
+		 */
+		setSecrets(replacement: unknown) {
+			const secretsNow = readSecrets(replacement);
+			door.whichSecret = createSecretMatcher(secretsNow);
+			resizeTally(door.tally, door.secrets, secretsNow);
+			rotationReport?.restart();
+			door.secrets = secretsNow;
+			const entries = `${secretsNow.length} ${secretsNow.length === 1 ? "entry" : "entries"}`;
+			door.logger?.info(
+				`SharedSecretMiddleware: the secrets changed: ${entries}, entry 1 current.`,
+			);
+		},
+	};
+}

@@ -438,3 +438,58 @@ test("two brokers with two doors in one process keep their secrets apart", async
 		await second.broker.stop();
 	}
 });
+
+test("HTTP/2: a refusal's log line escapes the control characters the caller chose", async () => {
+	const started = await start({ http2: true });
+	const client = http2.connect(started.base);
+	// C1 controls: CSI (U+009B) starts a terminal's escape sequence, OSC (U+009D) sets its title.
+	// HTTP/1's parser refuses them, and nghttp2 refuses C0 ones, but HTTP/2 carries C1 in :path.
+	const path = "/api/hello\u009b31m\u009d0;owned\u009c";
+	try {
+		const status = await new Promise((resolve, reject) => {
+			const stream = client.request({ ":path": path });
+			stream.on("response", (head) => resolve(head[":status"])).on("error", reject);
+			stream.resume().end();
+		});
+		assert.equal(status, 401);
+		const refusals = started.lines.filter((line) => line.includes("<= 401"));
+		assert.deepEqual(refusals, ["<= 401 GET /api/hello\\x9b31m\\x9d0;owned\\x9c"]);
+	} finally {
+		client.close();
+		await started.broker.stop();
+	}
+});
+
+test("a mounted gateway's alias written as a public path gets a warning: public paths are full paths", async () => {
+	const lines: string[] = [];
+	const door = SharedSecretMiddleware({ secrets: SECRET, publicPaths: "GET /status" });
+	const broker = new ServiceBroker({
+		logger: {
+			type: "Console",
+			options: {
+				level: "warn",
+				formatter(_level: string, args: unknown[]) {
+					lines.push(args.map(String).join(" "));
+					return [];
+				},
+			},
+		},
+		middlewares: [door],
+	});
+	broker.createService({
+		name: "gateway",
+		mixins: [ApiGateway],
+		settings: {
+			server: false,
+			routes: [{ path: "/", aliases: { "GET /status": "$node.health" } }],
+		},
+	});
+	try {
+		await broker.start();
+		assert.deepEqual(lines, [
+			'SharedSecretMiddleware: public path "GET /status" matches an alias of a mounted gateway as it stands. Public paths are full paths, as the client sends them: under app.use("/api", gateway.express()), write "GET /api/status".',
+		]);
+	} finally {
+		await broker.stop();
+	}
+});

@@ -205,9 +205,12 @@ test("SIGHUP reads the file again at once", { timeout: 60_000 }, async () => {
 	}
 });
 
+type Door = ReturnType<typeof SharedSecretMiddleware>;
+
 /** A broker with the door and a gateway in this process, for the calls a vault makes. */
-async function startInProcess(metrics: boolean) {
+async function startInProcess(metrics: boolean, beforeTheBroker?: (door: Door) => void) {
 	const door = SharedSecretMiddleware({ secrets: SECRET });
+	beforeTheBroker?.(door);
 	const broker = new ServiceBroker({
 		logger: false,
 		metrics: { enabled: metrics },
@@ -271,6 +274,24 @@ test("after setSecrets, an entry keeps its count only if its position holds the 
 			[0, 1],
 			"both positions changed: counted anew",
 		);
+	} finally {
+		await broker.stop();
+	}
+});
+
+test("setSecrets before the broker exists (a vault read at start) counts every entry", async () => {
+	const { broker, url } = await startInProcess(
+		true,
+		(door) => door.setSecrets([SECRET, NEW_SECRET]),
+	);
+	const accepted = (entry: number) =>
+		broker.metrics.getMetric("shared_secret.accepted.total")?.get({ entry })?.value;
+	try {
+		assert.equal(await status(url, NEW_SECRET), 200);
+		assert.equal(await status(url, SECRET), 200);
+		// The door copies its counts into the metrics once a second.
+		await new Promise((resolve) => setTimeout(resolve, 1200));
+		assert.deepEqual([accepted(1), accepted(2)], [1, 1]);
 	} finally {
 		await broker.stop();
 	}
