@@ -9,7 +9,9 @@ import { after, before, describe, test } from "node:test";
 import { connect, type Socket } from "node:net";
 import http, { type IncomingMessage, type Server } from "node:http";
 import http2 from "node:http2";
+import { createRequire } from "node:module";
 import { ServiceBroker } from "moleculer";
+import WebSocket, { WebSocketServer } from "ws";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
 import { OLD_SECRET, SECRET } from "./origin.ts";
@@ -236,6 +238,137 @@ describe("HTTP/2: refused streams that misbehave", () => {
 		});
 	}
 });
+
+// Express 5 is `express`, Express 4 the alias `express4`: both export the same app factory.
+const expressOf = (name: string) =>
+	createRequire(import.meta.url)(name) as typeof import("express");
+
+/**
+ * docs/copy-the-door.md's Express setup, exactly: the door in the broker and first in the app,
+ * moleculer-web mounted at /api, and door.guard(server) for the WebSocket server on the app's
+ * server. Its handler reads the consumer with door.consumerOf(req).
+ */
+async function startExpressApp(express: typeof import("express")) {
+	const door = SharedSecretMiddleware({ secrets: SECRET, publicPaths: "GET /api/status" });
+	const broker = new ServiceBroker({ logger: false, middlewares: [door] });
+	broker.createService({
+		name: "greeter",
+		actions: { hello: () => "hello", status: () => "up", meta: (ctx) => ctx.meta },
+	});
+	const gateway = broker.createService({
+		name: "gateway",
+		mixins: [ApiGateway],
+		settings: {
+			server: false,
+			routes: [{
+				path: "/",
+				aliases: {
+					"GET /hello": "greeter.hello",
+					"GET /status": "greeter.status",
+					"GET /meta": "greeter.meta",
+				},
+			}],
+		},
+	}) as unknown as { express(): http.RequestListener };
+	await broker.start();
+	const app = express();
+	app.use(door.express());
+	app.get("/app-status", (_req, res) => void res.json({ app: "up" }));
+	app.use("/api", gateway.express());
+	const server = http.createServer(app);
+	door.guard(server);
+	const sockets = new WebSocketServer({ server });
+	sockets.on("connection", (socket, req) => {
+		socket.send(JSON.stringify({ consumer: door.consumerOf(req) ?? null }));
+	});
+	await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+	const port = (server.address() as { port: number }).port;
+	const stop = async () => {
+		sockets.close();
+		server.close();
+		await broker.stop();
+	};
+	return { server, port, stop };
+}
+
+/** A WebSocket to `path`: the first message, or the refusal's status. */
+function webSocket(port: number, path: string, headers: Record<string, string>) {
+	return new Promise<{ status?: number; message?: unknown }>((resolve) => {
+		const socket = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers });
+		socket.on("unexpected-response", (_req, res) => {
+			resolve({ status: res.statusCode });
+			socket.terminate();
+		});
+		socket.on("error", () => {});
+		socket.on("message", (data) => {
+			resolve({ message: JSON.parse(String(data)) });
+			socket.close();
+		});
+	});
+}
+
+for (const name of ["express4", "express"]) {
+	describe(`${name === "express" ? "Express 5" : "Express 4"}: door.express(), door.guard(server) and a ws server together`, () => {
+		let app: Awaited<ReturnType<typeof startExpressApp>>;
+		before(async () => (app = await startExpressApp(expressOf(name))));
+		after(() => app.stop());
+		const url = (path: string) => `http://127.0.0.1:${app.port}${path}`;
+		const withSecret = { "x-shared-secret": SECRET, "x-consumer": "acme" };
+
+		test("the secret passes both pieces; the app's public path is its full path", async () => {
+			const granted = await fetch(url("/api/hello"), { headers: withSecret });
+			assert.deepEqual([granted.status, await granted.text()], [200, '"hello"']);
+			const own = await fetch(url("/app-status"), { headers: withSecret });
+			assert.deepEqual([own.status, await own.json()], [200, { app: "up" }]);
+			const meta = await (await fetch(url("/api/meta"), { headers: withSecret })).json();
+			assert.equal(meta.consumer, "acme");
+			assert.equal(
+				(await fetch(url("/api/status"))).status,
+				200,
+				"GET /api/status is public",
+			);
+			for (const path of ["/api/hello", "/app-status", "/status", "/nope"]) {
+				assert.equal((await fetch(url(path))).status, 401, path);
+			}
+		});
+
+		test("a WebSocket needs the secret, on the public path too; its handler reads the consumer", async () => {
+			assert.deepEqual(await webSocket(app.port, "/live", {}), { status: 401 });
+			assert.deepEqual(await webSocket(app.port, "/api/status", {}), { status: 401 });
+			assert.deepEqual(await webSocket(app.port, "/live", withSecret), {
+				message: { consumer: "acme" },
+			});
+			const anonymous = { "x-shared-secret": SECRET };
+			assert.deepEqual(await webSocket(app.port, "/live", anonymous), {
+				message: { consumer: null },
+			});
+		});
+
+		const upgrade =
+			"GET /live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
+			"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+		const post = "POST /api/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" +
+			"a".repeat(50_000);
+		const cases: [string, string, (socket: Socket) => void][] = [
+			["an upgrade, never read", upgrade, neverRead],
+			["an upgrade, half-closed", upgrade, halfClose],
+			["an upgrade, reset", upgrade, reset],
+			["a body, never read", post, neverRead],
+		];
+		for (const [what, bytes, then] of cases) {
+			test(`refused clients that misbehave: ${what}`, async () => {
+				const clients = Array.from({ length: 20 }, () => misbehave(app.port, bytes, then));
+				await new Promise((resolve) => setTimeout(resolve, 100));
+				assert.equal((await fetch(url("/api/hello"), { headers: withSecret })).status, 200);
+				await drained(app.server);
+				for (const client of clients) {
+					assert.doesNotMatch(client.answer(), /^HTTP\/1\.1 (101|100|200)/);
+					client.socket.destroy();
+				}
+			});
+		}
+	});
+}
 
 describe("each door keeps its own verdict", () => {
 	test("door A's express() in front of a gateway guarded by door B lets in neither secret alone", async () => {

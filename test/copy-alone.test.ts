@@ -15,7 +15,9 @@ import {
 } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
-import { OLD_SECRET, SECRET } from "./origin.ts";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { OLD_SECRET, projectRoot, SECRET } from "./origin.ts";
 
 let broker: ServiceBroker;
 let base: string;
@@ -339,4 +341,11 @@ test("with a shared rootCallOptions.meta, no request sees another's consumer, ev
 	} finally {
 		await other.stop();
 	}
+});
+
+test("a copy names its version: middleware.ts's header holds package.json's, and the docs list it", () => {
+	const read = (file: string) => readFileSync(join(projectRoot, file), "utf8");
+	const { version } = JSON.parse(read("package.json")) as { version: string };
+	assert.match(read("middleware.ts").slice(0, 1000), new RegExp(` \\* Version ${version} of `));
+	assert.match(read("docs/copy-the-door.md"), new RegExp(`^- \\*\\*${version}\\*\\*: `, "m"));
 });

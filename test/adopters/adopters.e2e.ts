@@ -52,6 +52,7 @@ before(() => {
 				"@tsconfig/strictest": "2.0.8",
 				"moleculer-io": "2.2.0",
 				"socket.io-client": "^4.8.0",
+				ws: "^8.18.0",
 			},
 		}),
 	);
@@ -275,7 +276,7 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 	for (const express of ["express", "express5"]) {
 		const name = express === "express" ? "Express 4" : "Express 5";
 		test(
-			`${name}: the door answers its own 401, PUBLIC_PATHS are mount-relative, a refused body is not read`,
+			`${name}: the door answers its own 401, PUBLIC_PATHS are full paths, a refused body is not read`,
 			{ timeout: 120_000 },
 			async () => {
 				const started = await startExpress(express, {});
@@ -293,7 +294,7 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 					assert.equal(
 						(await request(`${started.url}/api/status`)).status,
 						200,
-						"GET /status is public, under /api",
+						"GET /api/status is public",
 					);
 					// A logger before the gateway built headersDistinct, with the secret in it.
 					const meta = await request(`${started.url}/api/meta`, {
@@ -315,7 +316,7 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 		);
 
 		test(
-			`${name}: behind app.use(door.express()), nothing of the app answers without the secret`,
+			`${name}: door.express(), door.guard(server) and ws: nothing answers without the secret`,
 			{
 				timeout: 60_000,
 			},
@@ -361,6 +362,15 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 					assert.match(started.output(), /request headers/, "the logger ran");
 					assert.ok(!started.output().includes(SECRET), "the logger saw the secret");
 					assert.ok(!started.output().includes("acme"), "the logger saw the consumer");
+					// The WebSocket server on the app's server: guarded, and told the consumer.
+					const ws = `ws${started.url.slice(4)}/live`;
+					assert.deepEqual(await webSocket(ws, {}), { status: 401 });
+					assert.deepEqual(await webSocket(`${ws.slice(0, -5)}/api/status`, {}), {
+						status: 401,
+					});
+					assert.deepEqual(await webSocket(ws, withSecret), {
+						message: { consumer: "acme" },
+					});
 				} finally {
 					await started.stop();
 				}
@@ -383,6 +393,31 @@ describe("moleculer-web mounted in Express (moleculer 0.14, dist/middleware.cjs)
 	}
 });
 
+/** A WebSocket from the scratch install's `ws`: its first message, or the refusal's status. */
+function webSocket(url: string, headers: Record<string, string>) {
+	type Client = {
+		on(event: string, listener: (...args: never[]) => void): void;
+		close(): void;
+		terminate(): void;
+	};
+	const WebSocket = createRequire(join(scratch, "package.json"))("ws") as new (
+		url: string,
+		options: object,
+	) => Client;
+	return new Promise<{ status?: number; message?: unknown }>((resolve) => {
+		const socket = new WebSocket(url, { headers });
+		socket.on("unexpected-response", (_req: unknown, res: { statusCode: number }) => {
+			resolve({ status: res.statusCode });
+			socket.terminate();
+		});
+		socket.on("error", () => {});
+		socket.on("message", (data: unknown) => {
+			resolve({ message: JSON.parse(String(data)) });
+			socket.close();
+		});
+	});
+}
+
 /** app.js prints the address it listens on. */
 async function startExpress(express: string, env: Record<string, string>): Promise<Running> {
 	const child = spawn(nodeBinary(20), ["app.js"], {
@@ -391,7 +426,7 @@ async function startExpress(express: string, env: Record<string, string>): Promi
 			...process.env,
 			EXPRESS: express,
 			SHARED_SECRET: SECRET,
-			PUBLIC_PATHS: "GET /status",
+			PUBLIC_PATHS: "GET /api/status",
 			...env,
 		},
 		stdio: ["ignore", "pipe", "pipe"],
@@ -425,30 +460,35 @@ describe("socket.io through moleculer-io on the gateway's server (moleculer 0.14
 		emit(event: string, ...args: unknown[]): void;
 		close(): void;
 	};
-	/** Connects, and resolves with the `call` event's answer, or with the connection's error. */
+	/**
+	 * Connects, waits for the consumer the server tells, and resolves with it and the `call`
+	 * event's answer, or with the connection's error.
+	 */
 	function callOver(url: string, transport: string, headers: Record<string, string>) {
-		return new Promise<{ connected: boolean; answer: unknown }>((resolve) => {
-			const socket = io(url, {
-				transports: [transport],
-				extraHeaders: headers,
-				reconnection: false,
-			});
-			socket.on("connect_error", (error) => {
-				socket.close();
-				resolve({ connected: false, answer: String((error as Error).message) });
-			});
-			socket.on("connect", () => {
-				socket.emit("call", "api.protectedAction", {}, (...answer: unknown[]) => {
-					socket.close();
-					resolve({ connected: true, answer });
+		return new Promise<{ connected: boolean; answer: unknown; consumer?: unknown }>(
+			(resolve) => {
+				const socket = io(url, {
+					transports: [transport],
+					extraHeaders: headers,
+					reconnection: false,
 				});
-			});
-		});
+				socket.on("connect_error", (error) => {
+					socket.close();
+					resolve({ connected: false, answer: String((error as Error).message) });
+				});
+				socket.on("consumer", (consumer) => {
+					socket.emit("call", "api.protectedAction", {}, (...answer: unknown[]) => {
+						socket.close();
+						resolve({ connected: true, answer, consumer });
+					});
+				});
+			},
+		);
 	}
 
 	for (const transport of ["polling", "websocket"]) {
 		test(
-			`${transport}: no connection and no action without the secret; with it, the call works`,
+			`${transport}: no connection and no action without the secret; with it, the call works and door.consumerOf reads the consumer`,
 			{
 				timeout: 60_000,
 			},
@@ -478,10 +518,14 @@ describe("socket.io through moleculer-io on the gateway's server (moleculer 0.14
 						const refused = await callOver(url, transport, headers);
 						assert.equal(refused.connected, false, JSON.stringify(refused));
 					}
-					const granted = await callOver(url, transport, { "x-shared-secret": SECRET });
+					const granted = await callOver(url, transport, {
+						"x-shared-secret": SECRET,
+						"x-consumer": "acme",
+					});
 					assert.deepEqual(granted, {
 						connected: true,
 						answer: [null, { message: "Access granted" }],
+						consumer: "acme",
 					});
 				} finally {
 					child.kill("SIGKILL");

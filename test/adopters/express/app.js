@@ -1,8 +1,12 @@
 // An Express app with moleculer-web mounted as middleware (server: false). EXPRESS names the
 // Express to load ("express" for 4, "express5" for 5). ON_ERROR=on gives the gateway an onError,
-// which the door must honour there too. DOOR_IN_FRONT=on puts door.express() before everything
-// else in the app: a JSON body parser, a logger that writes headers, and a route of its own.
+// which the door must honour there too. DOOR_IN_FRONT=on is docs/copy-the-door.md's setup:
+// door.express() before everything else in the app (a JSON body parser, a logger that writes
+// headers, a route of its own), and door.guard(server) for a `ws` server on the app's server,
+// whose handler sends the consumer that door.consumerOf(req) reads.
+const http = require("node:http");
 const express = require(process.env.EXPRESS);
+const { WebSocketServer } = require("ws");
 const { ServiceBroker } = require("moleculer");
 const ApiGateway = require("moleculer-web");
 const { SharedSecretMiddleware } = require("./shared-secret.cjs");
@@ -57,8 +61,16 @@ if (process.env.DOOR_IN_FRONT === "on") {
 	app.use((req, _res, next) => next(void req.headersDistinct));
 }
 app.use("/api", gateway.express());
+const server = http.createServer(app);
+if (process.env.DOOR_IN_FRONT === "on") {
+	door.guard(server);
+	const sockets = new WebSocketServer({ server });
+	sockets.on("connection", (socket, req) => {
+		socket.send(JSON.stringify({ consumer: door.consumerOf(req) ?? null }));
+	});
+}
 broker.start().then(() => {
-	const server = app.listen(
+	server.listen(
 		0,
 		"127.0.0.1",
 		() => console.log(`Express ready at http://127.0.0.1:${server.address().port}`),
