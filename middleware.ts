@@ -460,27 +460,33 @@ function dropRouteCalls(door: Door, routeActions: Set<string>) {
 }
 
 // Removes both door headers from every form of the request's headers, so a service that
-// forwards copied headers sends neither. An HTTP/1 request gets `headers` as a copy through Node's
-// public setter (a `delete` would make it a slow dictionary), and `headersDistinct` as an own
-// property, built on first use from the wiped raw headers: Node would build it from a count that
-// no longer holds, and building it for every request would cost more than the whole check.
-// An HTTP/2 stream's headers are a dictionary already.
+// forwards copied headers sends neither. The raw headers are compacted in place. An HTTP/1
+// request gets `headers` as a copy through Node's public setter (a `delete` would make it a
+// slow dictionary), and `headersDistinct` as an own property, built on first use from the wiped
+// raw headers: Node would build it from a count that no longer holds, and building it for every
+// request would cost more than the whole check. An HTTP/2 stream's headers are a dictionary
+// already. (A profile put this at under a microsecond a request: measure before you change it.)
 function wipeHeaders({ target, headers, rawHeaders }: Arrival) {
-	for (let index = rawHeaders.length - 2; index >= 0; index -= 2) {
+	let kept = 0;
+	for (let index = 0; index < rawHeaders.length; index += 2) {
 		const field = rawHeaders[index]!;
-		// Only a name as long as a door header's is lowercased: most never are.
-		const length = field.length;
-		if (length !== HEADER.length && length !== CONSUMER_HEADER.length) continue;
-		if (isDoorHeader(field.toLowerCase())) rawHeaders.splice(index, 2);
+		// Only a name that starts with "x" and is as long as a door header's is lowercased.
+		const mayBeDoor = (field.charCodeAt(0) | 0x20) === 0x78 &&
+			(field.length === HEADER.length || field.length === CONSUMER_HEADER.length);
+		if (mayBeDoor && isDoorHeader(field.toLowerCase())) continue;
+		rawHeaders[kept] = field;
+		rawHeaders[kept + 1] = rawHeaders[index + 1]!;
+		kept += 2;
 	}
+	rawHeaders.length = kept;
 	if (!("rawHeaders" in target)) {
 		delete headers[HEADER];
 		delete headers[CONSUMER_HEADER];
 		return;
 	}
-	const kept: Headers = {};
-	for (const field in headers) if (!isDoorHeader(field)) kept[field] = headers[field];
-	(target as IncomingMessage).headers = kept as IncomingMessage["headers"];
+	const copy: Headers = {};
+	for (const field in headers) if (!isDoorHeader(field)) copy[field] = headers[field];
+	(target as IncomingMessage).headers = copy as IncomingMessage["headers"];
 	Object.defineProperty(target, "headersDistinct", DISTINCT_FROM_RAW);
 }
 
