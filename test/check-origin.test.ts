@@ -1,21 +1,29 @@
 /**
- * `npm run check-origin`: the template's origin holds on every row, and each misconfiguration
- * that the check exists for fails the rows it should, by name. The check runs as its own
- * process, as an operator runs it, against real servers on this machine.
+ * `npm run check-origin`: the template's origin holds on every row, and each origin it must not
+ * call safe fails, on the rows it should, with the exit code that names why. The check runs as
+ * its own process, as an operator runs it, against real servers on this machine. Its environment
+ * holds the origin's PUBLIC_PATHS where a CI job would share them: the check must not read them.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { spawn } from "node:child_process";
 import http, { type Server } from "node:http";
+import http2 from "node:http2";
 import { createServer, type Socket } from "node:net";
 import { ServiceBroker } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { SharedSecretMiddleware } from "../middleware.ts";
-import { SECRET, startOrigin, typeScriptCommand } from "./origin.ts";
+import { freePort, OLD_SECRET, SECRET, startOrigin, typeScriptCommand } from "./origin.ts";
 
-type Checked = { code: number | null; output: string };
+type Row = { try: string; sent: string; answer: string; who: string; held: boolean };
+type Report = {
+	rows: Row[];
+	skipped: string[];
+	summary: { verdict: string; exit: number; reason: string };
+};
+type Checked = { code: number | null; output: string; report?: Report };
 
-/** Runs the check against `url`, with `env` as its environment's origin variables. */
+/** Runs the check against `url`, with `env` as its environment. `--json` gives `report`. */
 function check(url: string, args: string[] = [], env: Record<string, string> = {}) {
 	const [command, ...rest] = typeScriptCommand("test/check-origin.ts");
 	const inherited = { ...process.env };
@@ -26,14 +34,18 @@ function check(url: string, args: string[] = [], env: Record<string, string> = {
 	child.stdout.setEncoding("utf8").on("data", (chunk: string) => (output += chunk));
 	child.stderr.setEncoding("utf8").on("data", (chunk: string) => (output += chunk));
 	return new Promise<Checked>((resolve) =>
-		child.on("close", (code) => resolve({ code, output }))
+		child.on("close", (code) => {
+			const report = args.includes("--json") ? JSON.parse(output) as Report : undefined;
+			resolve({ code, output, report });
+		})
 	);
 }
 
-/** The rows that did not hold, as "sent: try" from the summary line. */
-const failedRows = (output: string) => /did not hold: (.*)$/m.exec(output)?.[1]?.split("; ") ?? [];
+/** The rows that did not hold, as "sent: try". */
+const failedRows = (report: Report | undefined) =>
+	(report?.rows ?? []).filter((row) => !row.held).map((row) => `${row.sent}: ${row.try}`);
 
-async function listen(server: Server): Promise<string> {
+async function listen(server: Server | http2.Http2Server): Promise<string> {
 	await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
 	return `http://127.0.0.1:${(server.address() as { port: number }).port}`;
 }
@@ -68,33 +80,71 @@ async function gateway(withDoor: boolean, settings: Record<string, unknown> = {}
 	};
 }
 
+const urlOf = (server: Server) => `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+const PUBLIC = ["--public", "GET /health"];
+
 test("the template's origin holds on every row, and the output never holds the secret", async () => {
 	const origin = await startOrigin({ SHARED_SECRET: `${SECRET},${SECRET.toUpperCase()}` });
 	try {
-		const { code, output } = await check(origin.url, [], { SHARED_SECRET: SECRET });
+		const { code, output } = await check(origin.url, PUBLIC, { SHARED_SECRET: SECRET });
 		assert.equal(code, 0, output);
-		assert.match(output, /All \d+ held\./);
-		assert.match(output, /with the secret +GET \/api\/protected +200/);
+		assert.match(output, /^All \d+ held\.$/m);
+		assert.match(output, /with the secret +GET \/api\/protected +passes the door +200/);
+		assert.doesNotMatch(output, /Skipped/);
 		assert.ok(!output.includes(SECRET) && !output.includes(SECRET.slice(0, 16)), "the secret");
-		const json = await check(origin.url, ["--json", "--path", "/api/protected"]);
-		const rows = JSON.parse(json.output) as { held: boolean; try: string }[];
-		assert.equal(json.code, 0);
-		assert.ok(rows.length > 10 && rows.every((row) => row.held));
+		const json = await check(origin.url, ["--json", "--path", "/api/protected", ...PUBLIC]);
+		assert.equal(json.code, 0, json.output);
+		assert.ok(json.report!.rows.length > 10 && json.report!.rows.every((row) => row.held));
+		assert.deepEqual(json.report!.summary.verdict, "held");
+		assert.deepEqual(json.report!.skipped, [
+			"1 rows with the secret (SHARED_SECRET is not set)",
+		]);
 	} finally {
 		await origin.stop();
 	}
 });
 
-const urlOf = (server: Server) => `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+test("an origin with nothing public holds when nothing is declared public", async () => {
+	const origin = await startOrigin({ PUBLIC_PATHS: "" });
+	try {
+		const { code, output } = await check(origin.url);
+		assert.equal(code, 0, output);
+		assert.match(output, /^Skipped: 4 rows with the secret \(SHARED_SECRET is not set\)\.$/m);
+	} finally {
+		await origin.stop();
+	}
+});
 
-test("an origin with no door fails the rows without the secret, by name", async () => {
+test("PUBLIC_PATHS that open a protected alias fail, though the check's environment holds them", async () => {
+	// A CI job that shares the origin's environment: the check must not take its word.
+	const publicPaths = "GET /health,GET /api/protected";
+	const origin = await startOrigin({ PUBLIC_PATHS: publicPaths });
+	try {
+		const { code, report } = await check(origin.url, ["--json", ...PUBLIC], {
+			PUBLIC_PATHS: publicPaths,
+		});
+		assert.equal(code, 1);
+		const failed = failedRows(report);
+		assert.ok(failed.includes("GET /api/protected: GET"), failed.join("\n"));
+		assert.ok(failed.every((row) => row.startsWith("GET /api/protected")), failed.join("\n"));
+		assert.equal(report!.summary.verdict, "did not hold");
+	} finally {
+		await origin.stop();
+	}
+});
+
+test("an origin with no door fails the rows without the secret, by name, in a short summary", async () => {
 	const { broker, service } = await gateway(false);
 	try {
-		const { code, output } = await check(urlOf(service.server));
-		assert.equal(code, 1, output);
-		const failed = failedRows(output);
-		assert.ok(failed.includes("GET /api/protected: GET"), output);
-		assert.ok(failed.includes("GET /api/protected: a wrong secret"), output);
+		const { code, report } = await check(urlOf(service.server), ["--json", ...PUBLIC]);
+		assert.equal(code, 1);
+		const failed = failedRows(report);
+		assert.ok(failed.includes("GET /api/protected: GET"), failed.join("\n"));
+		assert.ok(failed.includes("GET /api/protected: a wrong secret"), failed.join("\n"));
+		const text = await check(urlOf(service.server), PUBLIC);
+		const last = text.output.trimEnd().split("\n").at(-1)!;
+		assert.match(last, /^\d+ of \d+ did not hold: .*; and \d+ more \(the table lists them\)$/);
+		assert.ok(last.length < 400, `${last.length} characters`);
 	} finally {
 		await broker.stop();
 	}
@@ -109,27 +159,14 @@ test("an app in front of the gateway without door.express() fails its own paths"
 		res.end("the app's own answer");
 	});
 	try {
-		const { code, output } = await check(await listen(app));
-		assert.equal(code, 1, output);
-		const failed = failedRows(output);
-		assert.ok(failed.includes("GET /: GET"), output);
-		assert.ok(!failed.some((row) => row.startsWith("GET /api/protected:")), output);
+		const { code, report } = await check(await listen(app), ["--json"]);
+		assert.equal(code, 1);
+		const failed = failedRows(report);
+		assert.ok(failed.includes("GET /: GET"), failed.join("\n"));
+		assert.ok(!failed.some((row) => row.startsWith("GET /api/protected:")), failed.join("\n"));
 	} finally {
 		app.close();
 		await broker.stop();
-	}
-});
-
-test("PUBLIC_PATHS that open a protected alias fail that alias's rows", async () => {
-	const origin = await startOrigin({ PUBLIC_PATHS: "GET /health,GET /api/protected" });
-	try {
-		const { code, output } = await check(origin.url);
-		assert.equal(code, 1, output);
-		const failed = failedRows(output);
-		assert.ok(failed.includes("GET /api/protected: GET"), output);
-		assert.ok(failed.every((row) => row.startsWith("GET /api/protected")), output);
-	} finally {
-		await origin.stop();
 	}
 });
 
@@ -147,11 +184,9 @@ test("a WebSocket server on an unguarded server fails the upgrade rows", async (
 	});
 	try {
 		const url = await listen(server);
-		const { code, output } = await check(url, ["--path", "/api/protected"], {
-			PUBLIC_PATHS: "",
-		});
-		assert.equal(code, 1, output);
-		assert.deepEqual(failedRows(output), [
+		const { code, report } = await check(url, ["--json", "--path", "/api/protected"]);
+		assert.equal(code, 1);
+		assert.deepEqual(failedRows(report), [
 			"GET / (Upgrade): WebSocket upgrade",
 			"GET /api/protected (Upgrade): WebSocket upgrade",
 			"GET /socket.io/?EIO=4&transport=websocket (Upgrade): WebSocket upgrade",
@@ -161,24 +196,80 @@ test("a WebSocket server on an unguarded server fails the upgrade rows", async (
 	}
 });
 
-test("a server that never answers fails every row, within the bound", async () => {
-	// It accepts connections, and never sends a byte.
-	const sockets: Socket[] = [];
-	const silent = createServer((socket) => sockets.push(socket.on("error", () => {})));
-	await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+test("an HTTP/2 answer after a graceful GOAWAY fails the HTTP/2 row", async () => {
+	// It drains each connection as nginx and Envoy do, with a GOAWAY (NO_ERROR) that covers the
+	// stream, then answers from behind the door. (It speaks no HTTP/1, so those rows fail too.)
+	const draining = http2.createServer().on("stream", (stream) => {
+		stream.session!.goaway(http2.constants.NGHTTP2_NO_ERROR, stream.id!);
+		stream.respond({ ":status": 200 });
+		stream.end("from behind the door");
+	});
 	try {
-		const url = `http://127.0.0.1:${(silent.address() as { port: number }).port}`;
-		const { code, output } = await check(url, ["--timeout", "1", "--json"]);
-		const rows = JSON.parse(output) as { held: boolean }[];
+		const { code, report } = await check(await listen(draining), ["--json"]);
 		assert.equal(code, 1);
-		assert.ok(rows.length > 10 && rows.every((row) => !row.held), output);
+		const row = report!.rows.find((row) => row.try === "HTTP/2")!;
+		assert.deepEqual([row.answer, row.who, row.held], ["200", "behind it", false]);
 	} finally {
-		for (const socket of sockets) socket.destroy();
-		silent.close();
+		draining.close();
 	}
 });
 
-test("usage errors exit 2", async () => {
+test("nothing to check exits 3 and names why: silent, unreachable, TLS against plain HTTP", async () => {
+	// A server that accepts connections, and never sends a byte.
+	const sockets: Socket[] = [];
+	const silent = createServer((socket) => sockets.push(socket.on("error", () => {})));
+	await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+	const origin = await startOrigin();
+	try {
+		const silentUrl = `http://127.0.0.1:${(silent.address() as { port: number }).port}`;
+		const quiet = await check(silentUrl, ["--timeout", "1"]);
+		assert.equal(quiet.code, 3, quiet.output);
+		assert.match(quiet.output, /Nothing could be checked: no answer at all$/m);
+		const closed = await check(`http://127.0.0.1:${await freePort()}`);
+		assert.equal(closed.code, 3, closed.output);
+		assert.match(closed.output, /Nothing could be checked: unreachable \(ECONNREFUSED\)$/m);
+		const tls = await check(origin.url.replace("http:", "https:"), ["--json"]);
+		assert.equal(tls.code, 3, tls.output);
+		assert.match(tls.report!.summary.reason, /^TLS against a server that does not speak it/);
+	} finally {
+		for (const socket of sockets) socket.destroy();
+		silent.close();
+		await origin.stop();
+	}
+});
+
+test("an origin that refuses the checker's own secret exits 3", async () => {
+	const origin = await startOrigin();
+	try {
+		const { code, output } = await check(origin.url, PUBLIC, { SHARED_SECRET: OLD_SECRET });
+		assert.equal(code, 3, output);
+		assert.match(output, /Nothing could be checked: the origin refuses this checker's own/);
+	} finally {
+		await origin.stop();
+	}
+});
+
+test("an origin URL with a path: every row sends below it, and says so", async () => {
+	const origin = await startOrigin();
+	try {
+		const args = ["--json", "--path", "/protected"];
+		const { code, report } = await check(`${origin.url}/api`, args, { SHARED_SECRET: SECRET });
+		assert.equal(code, 0, JSON.stringify(report));
+		const secretRow = report!.rows.find((row) => row.try === "with the secret")!;
+		assert.deepEqual([secretRow.sent, secretRow.answer], ["GET /api/protected", "200"]);
+		assert.ok(report!.rows.every((row) => / \/api\/|\/\/[^/]+\/api\//.test(row.sent)));
+	} finally {
+		await origin.stop();
+	}
+});
+
+test("usage: errors exit 2, --help exits 0, and the secret never goes in clear to another host", async () => {
 	assert.equal((await check("not a url")).code, 2);
-	assert.equal((await check("http://127.0.0.1:1", [], { PUBLIC_PATHS: "/health" })).code, 2);
+	assert.equal((await check("http://127.0.0.1:1", ["--public", "/health"])).code, 2);
+	const help = await check("--help");
+	assert.deepEqual([help.code, help.output.startsWith("Usage: check-origin")], [0, true]);
+	// Refused before any connection: example.invalid cannot even be looked up.
+	const plain = await check("http://example.invalid", [], { SHARED_SECRET: SECRET });
+	assert.equal(plain.code, 2, plain.output);
+	assert.match(plain.output, /in clear to example\.invalid: use an https:\/\/ URL/);
 });
