@@ -51,7 +51,7 @@ const runsApi = config.services.includes("api");
 
 // Only a node with the gateway serves HTTP, so only it needs the door and the secret. A missing
 // or weak secret ends the process here, with one line: nothing below runs then.
-const door = runsGateway ? createDoorOrExit() : undefined;
+const { door, secretFileContents } = runsGateway ? createDoorOrExit() : {};
 
 const broker = new ServiceBroker({
 	nodeID: config.nodeID,
@@ -90,7 +90,7 @@ const server = (gateway as { server?: Server } | undefined)?.server; // made wit
 // Before the start, so that no signal or taken port finds the process without its handler.
 stopGracefullyOnSignals(server);
 server?.prependListener("error", exitIfPortTaken);
-if (door && config.secretFile) watchSecretFile(config.secretFile, door);
+if (door && config.secretFile) watchSecretFile(config.secretFile, secretFileContents!, door);
 await startOrFailFast(broker);
 
 // Ready means ready: the first request after this line gets its real answer. The line names the
@@ -117,7 +117,9 @@ function loadDotEnv(file = ".env") {
 }
 
 // The door checks its options at the call, in its own words, and throws one line without the
-// value. Here that line names the variable that fed the option.
+// value. Here that line names the variable that fed the option. The secret file is read once:
+// the door is built from that reading, and the watcher starts from it, so a rotation that lands
+// during the start is applied by the watcher's first re-read.
 function createDoorOrExit() {
 	const secretVariable = config.secretFile ? "SHARED_SECRET_FILE" : "SHARED_SECRET";
 	if (config.secrets && config.secretFile) {
@@ -125,16 +127,18 @@ function createDoorOrExit() {
 	}
 	if (!config.secrets && !config.secretFile) {
 		exitWith(
-			"Neither SHARED_SECRET nor SHARED_SECRET_FILE is set. Make one: openssl rand -hex 32",
+			"Neither SHARED_SECRET nor SHARED_SECRET_FILE is set. Run `npm run setup` to write " +
+				".env with a fresh secret, or make one: openssl rand -hex 32",
 		);
 	}
+	const secretFileContents = config.secretFile && readSecretFileOrExit(config.secretFile);
 	try {
-		const secrets = config.secretFile ? readSecretFile(config.secretFile) : config.secrets;
+		const secrets = secretFileContents || config.secrets;
 		const { publicPaths, reportSeconds, quietSeconds } = config;
-		return SharedSecretMiddleware({ secrets, publicPaths, reportSeconds, quietSeconds });
+		const door = SharedSecretMiddleware({ secrets, publicPaths, reportSeconds, quietSeconds });
+		return { door, secretFileContents };
 	} catch (error) {
 		const message = (error as Error).message;
-		if (message.startsWith("SHARED_SECRET_FILE")) exitWith(message);
 		const variable = message.includes("publicPaths") ? "PUBLIC_PATHS" : secretVariable;
 		exitWith(`${variable}: ${message.replace("SharedSecretMiddleware: ", "")}`);
 	}
@@ -195,25 +199,42 @@ function knownTransporter(text: string) {
 
 // A file's trailing newline is not part of the secret. A read error names the file and the
 // error's code (Deno's NotCapable, a missing permission, has only a name), never the contents.
-function readSecretFile(path: string): string {
+function readSecretFileOrExit(path: string): string {
 	try {
 		return readFileSync(path, "utf8").trimEnd();
 	} catch (error) {
 		const why = (error as NodeJS.ErrnoException).code ?? (error as Error).name;
-		throw new Error(`SHARED_SECRET_FILE ${path} cannot be read (${why}).`);
+		exitWith(`SHARED_SECRET_FILE ${path} cannot be read (${why}).`);
 	}
 }
 
 // The watching lives here, not in the door: the door reads no file, so a project with a vault
 // hands it secrets with setSecrets. The file is read every second and on SIGHUP, which costs no
 // work per request and sees every change alike: an editor's rewrite, or Kubernetes pointing its
-// `..data` link at a new folder. A bad or missing file keeps the secrets, with one line for each.
-function watchSecretFile(path: string, door: ReturnType<typeof SharedSecretMiddleware>) {
-	let lastSeen: string | void = readSecretFile(path);
+// `..data` link at a new folder. A change is applied once it has settled: two reads 250 ms apart
+// agree, so a rotation written in two steps is never applied half done. A bad or missing file
+// keeps the secrets, with one line for each.
+function watchSecretFile(path: string, applied: string, door: { setSecrets(s: unknown): void }) {
+	const SETTLE_MS = 250;
+	let lastSeen: string | void = applied;
+	let reading = false; // One re-read at a time: the timer's and SIGHUP's would overlap.
+	const read = () => readFile(path, "utf8").then((text) => text.trimEnd(), () => {});
 	async function reread() {
-		const contents = await readFile(path, "utf8").then((text) => text.trimEnd(), () => {});
-		if (contents === lastSeen) return;
-		lastSeen = contents;
+		if (reading) return;
+		reading = true;
+		try {
+			const first = await read();
+			if (first === lastSeen) return;
+			await new Promise((resolve) => setTimeout(resolve, SETTLE_MS));
+			// Not settled yet: the next re-read tries again.
+			if ((await read()) !== first) return;
+			lastSeen = first;
+			apply(first);
+		} finally {
+			reading = false;
+		}
+	}
+	function apply(contents: string | void) {
 		try {
 			if (contents === undefined) throw new Error("the file is gone.");
 			door.setSecrets(contents);

@@ -5,7 +5,15 @@
  * setSecrets, the call a project with a vault makes, in-process.
  */
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+	appendFileSync,
+	mkdirSync,
+	mkdtempSync,
+	renameSync,
+	rmSync,
+	symlinkSync,
+	writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ServiceBroker } from "moleculer";
@@ -188,18 +196,83 @@ test("SIGHUP reads the file again at once", { timeout: 60_000 }, async () => {
 	const origin = await startOrigin({ SHARED_SECRET: undefined, SHARED_SECRET_FILE: path });
 	try {
 		// The file is also read every second, so one quick change could be that read. Four in a
-		// row, each taken within 300 ms of its SIGHUP, are not: by chance, that is under 1%.
+		// row, each taken within 550 ms of its SIGHUP (250 ms of it the wait for the file to
+		// settle), are not: by chance, that is under 1%.
 		for (const [round, secret] of [OLD_SECRET, SECRET, OLD_SECRET, SECRET].entries()) {
 			const changes = origin.output().split("the secrets changed").length;
 			writeFileSync(path, secret);
 			process.kill(origin.child.pid!, "SIGHUP");
 			await waitFor(
 				() => origin.output().split("the secrets changed").length > changes,
-				`round ${round + 1} within 300 ms of SIGHUP`,
-				300,
+				`round ${round + 1} within 550 ms of SIGHUP`,
+				550,
 			);
 			assert.equal(await status(origin.url, secret), 200);
 		}
+	} finally {
+		await origin.stop();
+	}
+});
+
+test("a rotation that lands during the start is applied: the file is read once", {
+	timeout: 60_000,
+}, async () => {
+	const path = join(secretsFolder(), "shared-secret");
+	writeFileSync(path, OLD_SECRET);
+	// Resolves at the broker's first line: the door has read the file, and nothing watches it yet.
+	const origin = await startOrigin({ SHARED_SECRET: undefined, SHARED_SECRET_FILE: path }, {
+		readyLine: /Moleculer v\S+ is starting/,
+	});
+	writeFileSync(path, SECRET);
+	try {
+		await waitFor(() => /Origin ready at http/.test(origin.output()), "the origin, ready");
+		const url = /Origin ready at (http:\/\/\S+)/.exec(origin.output())![1]!;
+		await waitFor(
+			() => origin.output().includes("the secrets changed: 1 entry"),
+			"the file's secret, applied",
+			NOTICED_WITHIN_MS,
+		);
+		assert.deepEqual([await status(url, SECRET), await status(url, OLD_SECRET)], [200, 401]);
+	} finally {
+		await origin.stop();
+	}
+});
+
+test("a rotation written in two steps is applied only once the file has settled", {
+	timeout: 60_000,
+}, async () => {
+	const path = join(secretsFolder(), "shared-secret");
+	writeFileSync(path, OLD_SECRET);
+	const origin = await startOrigin({ SHARED_SECRET: undefined, SHARED_SECRET_FILE: path });
+	// What the API gateway sends throughout: the old secret, valid before and after.
+	let running = true;
+	const refused: number[] = [];
+	const loops = Array.from({ length: 4 }, async () => {
+		while (running) {
+			const answer = await status(origin.url, OLD_SECRET);
+			if (answer !== 200) refused.push(answer);
+		}
+	});
+	try {
+		// printf %s "$NEW" > f; printf ,%s "$OLD" >> f: the first step alone is a valid list.
+		// SIGHUP reads the file at once, between the two steps.
+		writeFileSync(path, NEW_SECRET);
+		process.kill(origin.child.pid!, "SIGHUP");
+		await new Promise((resolve) => setTimeout(resolve, 100));
+		appendFileSync(path, `,${OLD_SECRET}`);
+		await waitFor(
+			() => origin.output().includes("the secrets changed: 2 entries"),
+			"the whole rotation, applied",
+			NOTICED_WITHIN_MS,
+		);
+	} finally {
+		running = false;
+		await Promise.all(loops);
+	}
+	try {
+		assert.deepEqual(refused, [], "the old secret was refused mid-rotation");
+		assert.doesNotMatch(origin.output(), /the secrets changed: 1 entry/);
+		assert.equal(await status(origin.url, NEW_SECRET), 200);
 	} finally {
 		await origin.stop();
 	}

@@ -104,7 +104,7 @@ const exits: [string, Record<string, string | undefined>, RegExp][] = [
 	[
 		"SHARED_SECRET unset",
 		{ SHARED_SECRET: undefined },
-		/FATAL origin: Neither SHARED_SECRET nor SHARED_SECRET_FILE is set\. Make one: openssl rand/,
+		/FATAL origin: Neither SHARED_SECRET nor SHARED_SECRET_FILE is set\. Run `npm run setup` to write \.env with a fresh secret, or make one: openssl rand/,
 	],
 	[
 		"SHARED_SECRET short",
