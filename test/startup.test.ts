@@ -9,7 +9,9 @@ import { SharedSecretMiddleware, type SharedSecretOptions } from "../middleware.
 import { join } from "node:path";
 import { once } from "node:events";
 import { type AddressInfo, createServer } from "node:net";
-import { emptyFolder, runOriginToExit, SECRET } from "./origin.ts";
+import { spawn } from "node:child_process";
+import { appendFileSync, cpSync, mkdtempSync, readFileSync, symlinkSync } from "node:fs";
+import { emptyFolder, projectRoot, runOriginToExit, SECRET, waitFor } from "./origin.ts";
 
 const refused: [string, SharedSecretOptions, RegExp][] = [
 	["no secret", { secrets: undefined }, /no secret is set/],
@@ -199,5 +201,49 @@ test("a PORT in use ends the start with one line that names it", async () => {
 		assert.doesNotMatch(output, /Origin ready/);
 	} finally {
 		holder.close();
+	}
+});
+
+// The README's `npm run dev`, as package.json gives it: `tsx watch index.ts`, in a copy of the
+// project, so that a change to a file of its own can be made. Node only: tsx is Node's loader.
+const onNode = !("Deno" in globalThis) && !process.versions.bun;
+test("npm run dev (tsx watch) restarts the origin when a file changes", {
+	skip: !onNode && "tsx watch runs on Node",
+	timeout: 60_000,
+}, async () => {
+	const folder = mkdtempSync(join(emptyFolder, "dev-"));
+	for (const file of ["index.ts", "middleware.ts", "service.ts", "package.json"]) {
+		cpSync(join(projectRoot, file), join(folder, file));
+	}
+	symlinkSync(join(projectRoot, "node_modules"), join(folder, "node_modules"));
+	const script = /"dev": "tsx (watch [^"]+)"/.exec(
+		readFileSync(join(folder, "package.json"), "utf8"),
+	);
+	assert.ok(script, "package.json has a dev script that runs tsx watch");
+	const tsx = join(projectRoot, "node_modules/tsx/dist/cli.mjs");
+	const child = spawn(process.execPath, [tsx, ...script[1]!.split(" ")], {
+		cwd: folder,
+		env: { ...process.env, SHARED_SECRET: SECRET, PORT: "0", LOGLEVEL: "info" },
+		stdio: ["ignore", "pipe", "pipe"],
+		detached: true,
+	});
+	let output = "";
+	child.stdout!.on("data", (chunk) => (output += chunk));
+	child.stderr!.on("data", (chunk) => (output += chunk));
+	const starts = () => output.split("Origin ready at").length - 1;
+	try {
+		await waitFor(() => starts() === 1, "the first start", 30_000);
+		// tsx learns what to watch from the run it started: a change may come before it
+		// watches, so one is made each second until the origin restarts.
+		const change = () => appendFileSync(join(folder, "service.ts"), "\n// A change.\n");
+		const changes = setInterval(change, 1000);
+		try {
+			await waitFor(() => starts() === 2, "the start after a change", 30_000);
+		} finally {
+			clearInterval(changes);
+		}
+	} finally {
+		// The whole group: tsx watch and the origin it started.
+		process.kill(-child.pid!, "SIGKILL");
 	}
 });

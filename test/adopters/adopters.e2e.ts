@@ -15,7 +15,16 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { createRequire } from "node:module";
-import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import {
+	cpSync,
+	existsSync,
+	mkdirSync,
+	mkdtempSync,
+	readFileSync,
+	rmSync,
+	symlinkSync,
+	writeFileSync,
+} from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -537,14 +546,19 @@ describe("socket.io through moleculer-io on the gateway's server (moleculer 0.14
 
 describe("middleware.ts copied into TypeScript projects, under @tsconfig/strictest", () => {
 	// A folder whose modules resolve to each pair: the scratch install (0.14 + 0.10), or this
-	// project's own (0.15 + 0.11), reached from inside its node_modules.
+	// project's own (0.15 + 0.11), through a link to its node_modules. (Not inside them: tsc
+	// writes no output for a file under node_modules.)
 	const folders = {
 		"moleculer 0.14 + moleculer-web 0.10": join(scratch, "typescript"),
-		"moleculer 0.15 + moleculer-web 0.11": join(
-			projectRoot,
-			"node_modules/.adopters-typescript",
-		),
+		"moleculer 0.15 + moleculer-web 0.11": join(scratch, "typescript-0.15"),
 	};
+	before(() => {
+		mkdirSync(join(scratch, "typescript-0.15"), { recursive: true });
+		symlinkSync(
+			join(projectRoot, "node_modules"),
+			join(scratch, "typescript-0.15/node_modules"),
+		);
+	});
 	const compilers = {
 		"TypeScript 5.9": join(scratch, "node_modules/typescript/bin/tsc"),
 		"the repo's TypeScript": join(projectRoot, "node_modules/typescript/bin/tsc"),
@@ -562,10 +576,20 @@ describe("middleware.ts copied into TypeScript projects, under @tsconfig/stricte
 				noEmit: true,
 			},
 		},
-		"tsc with NodeNext: ./middleware.js": {
+		"tsc writing output: ./middleware.ts, rewriteRelativeImportExtensions": {
+			importLine: 'import { SharedSecretMiddleware } from "./middleware.ts";',
+			type: "module",
+			compilerOptions: {
+				module: "nodenext",
+				moduleResolution: "nodenext",
+				rewriteRelativeImportExtensions: true,
+				outDir: "dist",
+			},
+		},
+		"tsc writing output with NodeNext: ./middleware.js": {
 			importLine: 'import { SharedSecretMiddleware } from "./middleware.js";',
 			type: "module",
-			compilerOptions: { module: "nodenext", moduleResolution: "nodenext", noEmit: true },
+			compilerOptions: { module: "nodenext", moduleResolution: "nodenext", outDir: "dist" },
 		},
 	};
 	const app = (importLine: string) =>
@@ -604,6 +628,12 @@ describe("middleware.ts copied into TypeScript projects, under @tsconfig/stricte
 						compilerOptions: { target: "es2022", types: ["node"], ...compilerOptions },
 						files: ["app.ts"],
 					});
+					// Where tsc writes output, the app it wrote imports the door it wrote.
+					if ("outDir" in compilerOptions) {
+						const written = readFileSync(join(project, "dist/app.js"), "utf8");
+						assert.match(written, /from "\.\/middleware\.js"/);
+						assert.ok(existsSync(join(project, "dist/middleware.js")));
+					}
 				});
 			}
 		}
@@ -663,11 +693,4 @@ describe("middleware.ts copied into TypeScript projects, under @tsconfig/stricte
 			await app.stop();
 		}
 	});
-
-	after(() =>
-		rmSync(join(projectRoot, "node_modules/.adopters-typescript"), {
-			recursive: true,
-			force: true,
-		})
-	);
 });
