@@ -12,10 +12,11 @@
  * imports nothing of its project: copy it alone. To update a copy, compare it with the template's
  * newest middleware.ts; docs/copy-the-door.md says what each version changed.
  *
- * Parts: 1. what the page promises; 2. the edges, each way into the server; 3. the options,
- * checked; 4. the rotation report; 5. the factory: the door's state, and its hooks last.
+ * Parts: 1. what the page promises; 2. the signed form (RFC 9421); 3. the edges, each way into
+ * the server; 4. the options, checked; 5. the rotation report; 6. the factory: the door's state,
+ * and its hooks last.
  */
-import { timingSafeEqual } from "node:crypto";
+import { createHash, createHmac, createSecretKey, timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { ServerHttp2Stream } from "node:http2";
 import type { Duplex } from "node:stream";
@@ -34,9 +35,11 @@ export type SharedSecretOptions = {
 	reportSeconds?: number | undefined;
 	/** How long an entry after the first goes unused before it is called removable (600 s). */
 	quietSeconds?: number | undefined;
+	/** "accept" (the default): a signed request (part 2) or the header; "require": signed only. */
+	signatures?: "accept" | "require" | undefined;
 };
 
-/** What the door adds to `ctx.meta`: the consumer, on requests with the secret only. */
+/** What the door adds to `ctx.meta`: the consumer, on requests with the secret (or signed). */
 export type SharedSecretMeta = { consumer?: string };
 
 const HEADER = "x-shared-secret";
@@ -59,13 +62,18 @@ type Refusal = ReturnType<typeof createRefusal>;
 
 // moleculer-web's UnAuthorizedError as JSON, with the head that each kind of connection needs:
 // built once, as every refusal of one kind is the same.
-function createRefusal(reason: "missing" | "invalid", message: string, type: string) {
+function createRefusal(
+	reason: "missing" | "invalid",
+	message: string,
+	type: string,
+	challenge: Record<string, string> = { "WWW-Authenticate": CHALLENGE },
+) {
 	const { name } = new Errors.UnAuthorizedError(type, undefined);
 	const body = JSON.stringify({ name, message, code: 401, type });
 	const head = {
 		"Content-Type": "application/json; charset=utf-8",
 		"Content-Length": String(Buffer.byteLength(body)),
-		"WWW-Authenticate": CHALLENGE,
+		...challenge,
 	};
 	// A refusal whose body the door does not read closes its connection after the answer.
 	const closingHead = { ...head, Connection: "close" };
@@ -74,7 +82,7 @@ function createRefusal(reason: "missing" | "invalid", message: string, type: str
 	const bytes = `HTTP/1.1 401 Unauthorized\r\n${fields.join("")}\r\n${body}`;
 	const lowerCase = Object.entries(head).map(([field, value]) => [field.toLowerCase(), value]);
 	const http2Head = { ":status": 401, ...Object.fromEntries(lowerCase) };
-	return { reason, message, type, body, head, closingHead, bytes, http2Head };
+	return { reason, message, type, challenge, body, head, closingHead, bytes, http2Head };
 }
 const NO_SECRET = createRefusal("missing", "No secret provided", Errors.ERR_NO_TOKEN);
 const WRONG_SECRET = createRefusal("invalid", "Invalid secret", Errors.ERR_INVALID_TOKEN);
@@ -117,14 +125,25 @@ type Admission = {
 /** A request or stream that a door may mark. Each door's mark is a Symbol of its own. */
 type Marked = { [mark: symbol]: Admission | undefined };
 type Headers = Record<string, unknown>;
-type Tally = { accepted: number[]; lastSeen: number[]; missing: number; invalid: number };
+type Tally = {
+	accepted: number[];
+	lastSeen: number[];
+	missing: number;
+	invalid: number;
+	/** Requests refused in "require" mode that carried the header: the secret still travels. */
+	secretOnTheWire: number;
+};
 type Logger = ServiceBroker["logger"];
 
-/** One door's state: the factory (part 5) makes it, and every edge (part 2) reads it. */
+/** One door's state: the factory (part 6) makes it, and every edge (part 3) reads it. */
 type Door = {
 	mark: symbol;
 	secrets: string[];
 	whichSecret: (presented: unknown) => number;
+	signatures: "accept" | "require";
+	signingKeys: ReturnType<typeof createSigningKeys>;
+	/** The nonce cache (part 2): true the first time a verified nonce is seen. */
+	firstUse: (nonce: string, now: number) => boolean;
 	publicPaths: Set<string>;
 	/** The paths of `publicPaths`, without their methods: a first look that builds no string. */
 	publicUrls: Set<string>;
@@ -142,27 +161,48 @@ type Arrival = {
 	publicPathsApply: boolean;
 };
 
-// The check. It removes both door headers first (wipeHeaders, part 2), so no code after it ever
-// sees them. What it lets in gets this door's mark; what it turns away gets back the reason, for
-// the edge it came through to write (part 2).
+// The check. It removes the door's headers first (wipeHeaders, part 3), so no code after it ever
+// sees them. A signed request is decided by its signature alone (part 2); one without is decided
+// by the secret, unless signatures are required. What it lets in gets this door's mark; what it
+// turns away gets back the reason, for the edge it came through to write (part 3).
 function check(door: Door, arrival: Arrival): Refusal | undefined {
 	const { target, headers, method, url } = arrival;
 	const presented = headers[HEADER];
-	const consumer = headers[CONSUMER_HEADER];
-	if (presented !== undefined || consumer !== undefined) wipeHeaders(arrival);
+	const consumer = typeof headers[CONSUMER_HEADER] === "string"
+		? headers[CONSUMER_HEADER]
+		: undefined;
+	const [signatureInput, signature] = [headers["signature-input"], headers["signature"]];
+	const signed = signatureInput !== undefined || signature !== undefined;
+	if (presented !== undefined || consumer !== undefined || signed) wipeHeaders(arrival);
 	if (arrival.publicPathsApply && isPublic(door, method, url)) {
 		(target as Marked)[door.mark] = { method, url, consumer: undefined };
 		return undefined;
 	}
-	if (!presented) return NO_SECRET;
-	const entry = door.whichSecret(presented);
-	if (entry === 0) return WRONG_SECRET;
+	const entry = signed
+		? verifySignature(door, { method, url, consumer, signatureInput, signature })
+		: door.signatures === "require"
+		? refuseUnsigned(door, presented)
+		: whichEntry(door, presented);
+	if (typeof entry !== "number") return entry;
 	door.tally.accepted[entry - 1]! += 1;
 	door.tally.lastSeen[entry - 1] = Date.now();
-	// Only with the secret is the consumer the API gateway's word.
-	const named = typeof consumer === "string" && consumer !== "" ? consumer : undefined;
+	// Only with the secret, or signed, is the consumer the API gateway's word.
+	const named = consumer !== "" ? consumer : undefined;
 	(target as Marked)[door.mark] = { method, url, consumer: named };
 	return undefined;
+}
+
+// The page's form: the secret itself, compared in constant time.
+function whichEntry(door: Door, presented: unknown): number | Refusal {
+	if (!presented) return NO_SECRET;
+	const entry = door.whichSecret(presented);
+	return entry === 0 ? WRONG_SECRET : entry;
+}
+
+// Signatures required: a request that still carries the secret is counted, for the report.
+function refuseUnsigned(door: Door, presented: unknown): Refusal {
+	if (presented !== undefined) door.tally.secretOnTheWire += 1;
+	return NO_SIGNATURE;
 }
 
 // A public path matches the method and the exact path before "?": no prefix, decoding or
@@ -175,7 +215,244 @@ function isPublic(door: Door, method: string, url: string): boolean {
 	return door.publicUrls.has(path) && door.publicPaths.has(`${method} ${path}`);
 }
 
-// ==== 2. The edges: each way into the server, and why the door stands there =================
+// ==== 2. The signed form: RFC 9421, so the secret itself never travels =======================
+
+// The API gateway may sign each request instead of sending the secret: an HMAC-SHA256, keyed by
+// the secret's UTF-8 bytes, over one fixed profile of RFC 9421 (HTTP Message Signatures):
+//
+//   Signature-Input: zuplo=("@method" "@path" "@query" "x-consumer");created=1796683601;
+//                    nonce="uzJA6lxxEJk9oriy1Vhf8g";keyid="1xC0TdK7";alg="hmac-sha256"
+//   Signature: zuplo=:<base64 of the HMAC of the signature base>:
+//
+// The door takes exactly these components ("x-consumer" last exactly when that header is sent):
+// a verifier that trusted whatever list the signer declares would let an unsigned query through.
+// Host and scheme are not covered, as a load balancer changes them; nor is the body
+// (docs/zuplo.md says why). `created` may be 30 s old or 5 s ahead, and each nonce passes once.
+const LABEL = "zuplo";
+const COMPONENTS = ["@method", "@path", "@query"];
+const [WINDOW_PAST_S, WINDOW_AHEAD_S] = [30, 5];
+// The parameters the profile allows, each with its type and whether it is required.
+const PARAMETERS: ReadonlyMap<string, { type: "number" | "string"; required: boolean }> = new Map([
+	["created", { type: "number", required: true }],
+	["nonce", { type: "string", required: true }],
+	["keyid", { type: "string", required: true }],
+	["alg", { type: "string", required: true }],
+	["expires", { type: "number", required: false }],
+	["tag", { type: "string", required: false }],
+]);
+
+// A refused signature's challenge names the label, and Accept-Signature (RFC 9421 §5.1) the
+// profile: never a keyid, which would name a secret.
+const SIGNATURE_CHALLENGE = {
+	"WWW-Authenticate": `SharedSecret signature="${LABEL}"`,
+	"Accept-Signature": `${LABEL}=("@method" "@path" "@query");created;nonce;alg="hmac-sha256"`,
+};
+const NO_SIGNATURE = createRefusal(
+	"missing",
+	"No signature provided",
+	Errors.ERR_NO_TOKEN,
+	SIGNATURE_CHALLENGE,
+);
+const INVALID_SIGNATURE = createRefusal(
+	"invalid",
+	"Invalid signature",
+	Errors.ERR_INVALID_TOKEN,
+	SIGNATURE_CHALLENGE,
+);
+
+/** RFC 9421 §2.5: the signature base, a line a covered component, then @signature-params. */
+export function signatureBase(
+	components: readonly (readonly [string, string])[],
+	signatureParams: string,
+): string {
+	let base = "";
+	for (const [name, value] of components) base += `"${name}": ${value}\n`;
+	return `${base}"@signature-params": ${signatureParams}`;
+}
+
+// A secrets entry's name in `keyid`: it names the entry without revealing it, and stays the
+// same when "new,old" shifts positions, so a request costs one HMAC however many secrets.
+export const keyIdOf = (secret: string) =>
+	createHash("sha256").update(`keyid:${secret}`).digest("base64url").slice(0, 8);
+
+// Each entry's keyid, with its entry number and HMAC key: built with the secrets.
+function createSigningKeys(secrets: readonly string[]) {
+	return new Map(secrets.map((secret, index) => {
+		const key = createSecretKey(Buffer.from(secret));
+		return [keyIdOf(secret), { entry: index + 1, key }] as const;
+	}));
+}
+
+// Remembers each nonce of a verified signature for at least `ms`, in two generations: memory
+// holds at most two windows' worth of the API gateway's requests (only verified ones count).
+function createNonceCache(ms: number) {
+	let [current, previous, turnAt] = [new Set<string>(), new Set<string>(), Date.now() + ms];
+	return function firstUse(nonce: string, now: number): boolean {
+		if (now >= turnAt) {
+			previous = now >= turnAt + ms ? new Set() : current;
+			[current, turnAt] = [new Set(), now + ms];
+		}
+		if (current.has(nonce) || previous.has(nonce)) return false;
+		current.add(nonce);
+		return true;
+	};
+}
+
+/** A request as the signature covers it: as the origin received it, headers unparsed. */
+type Signed = {
+	method: string;
+	url: string;
+	consumer: string | undefined;
+	signatureInput: unknown;
+	signature: unknown;
+};
+
+// Verifies the `zuplo` signature: the secrets entry it was signed with, or why it is refused.
+// `@path` and `@query` are the URL split at the first "?", never decoded. Never throws.
+function verifySignature(door: Door, signed: Signed): number | Refusal {
+	const input = memberOf(signed.signatureInput);
+	const signature = memberOf(signed.signature);
+	if (input === undefined || signature === undefined) return NO_SIGNATURE;
+	const params = input && readProfile(input, signed.consumer !== undefined);
+	const signingKey = door.signingKeys.get(String(params?.get("keyid")));
+	const bytes = signature?.value;
+	if (!params || !signingKey || !(bytes instanceof Uint8Array)) return INVALID_SIGNATURE;
+	const now = Date.now();
+	const created = params.get("created") as number;
+	const expires = (params.get("expires") ?? Infinity) as number;
+	const seconds = now / 1000;
+	const inWindow = created >= seconds - WINDOW_PAST_S && created <= seconds + WINDOW_AHEAD_S;
+	if (!inWindow || expires < seconds) return INVALID_SIGNATURE;
+	const query = signed.url.indexOf("?");
+	const components: [string, string][] = [
+		["@method", signed.method],
+		["@path", query === -1 ? signed.url : signed.url.slice(0, query)],
+		["@query", query === -1 ? "?" : signed.url.slice(query)],
+	];
+	if (signed.consumer !== undefined) components.push([CONSUMER_HEADER, signed.consumer]);
+	const base = signatureBase(components, serialize(input));
+	const expected = createHmac("sha256", signingKey.key).update(base).digest();
+	if (bytes.length !== expected.length || !timingSafeEqual(bytes, expected)) {
+		return INVALID_SIGNATURE;
+	}
+	// A replay is refused: a nonce is remembered once its signature has verified.
+	return door.firstUse(String(params.get("nonce")), now) ? signingKey.entry : INVALID_SIGNATURE;
+}
+
+// The profile: exactly its components, each a string without parameters, then its parameters,
+// in any order, each once and of its type; alg names the one algorithm, a nonce is 1 to 128
+// characters (the nonce cache holds them).
+function readProfile(member: Member, consumerSent: boolean) {
+	const names = Array.isArray(member.value) ? member.value : [];
+	const expected = consumerSent ? [...COMPONENTS, CONSUMER_HEADER] : COMPONENTS;
+	const exact = names.length === expected.length &&
+		names.every((item, index) => item.value === expected[index] && !item.params.length);
+	const params = new Map(member.params);
+	const typed = member.params.every(([name, value]) => {
+		const type = PARAMETERS.get(name)?.type;
+		return type === "string" ? typeof value === "string" : Number.isSafeInteger(value);
+	});
+	const complete = [...PARAMETERS].every(([name, { required }]) => !required || params.has(name));
+	const nonce = params.get("nonce");
+	const valid = params.size === member.params.length && params.get("alg") === "hmac-sha256" &&
+		typeof nonce === "string" && nonce.length >= 1 && nonce.length <= 128;
+	return exact && typed && complete && valid ? params as Map<string, number | string> : undefined;
+}
+
+// ---- RFC 8941 structured fields, as far as the profile needs --------------------------------
+
+/** A bare item. A token, a decimal and a byte sequence are objects: the profile takes none. */
+type Bare = string | number | boolean | { token: string } | { decimal: number } | Uint8Array;
+/** A dictionary member: an item or an inner list, with its parameters in the order received. */
+type Member = { value: Bare | Member[]; params: [string, Bare][] };
+
+// This door's member of a Signature or Signature-Input header: undefined when the header or the
+// label is missing (no signature), null when the field does not parse or holds the label twice.
+function memberOf(header: unknown): Member | null | undefined {
+	if (typeof header !== "string") return undefined;
+	const found = parseDictionary(header);
+	if (found === null) return null;
+	const members = found.filter(([label]) => label === LABEL);
+	return members.length > 1 ? null : members[0]?.[1];
+}
+
+// An integer or decimal, a string, a token, a byte sequence, a boolean: one group each.
+const BARE_ITEM = new RegExp(
+	[
+		/(-?\d{1,15})(\.\d{1,3})?/,
+		/"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"/,
+		/([A-Za-z*][!#$%&'*+\-.^_`|~\w:/]*)/,
+		/:([A-Za-z0-9+/]*={0,2}):/,
+		/\?([01])/,
+	].map((pattern) => pattern.source).join("|"),
+	"y",
+);
+
+// RFC 8941 §4.2.2, each step a sticky pattern at the cursor. Any error fails the whole field.
+function parseDictionary(text: string): [string, Member][] | null {
+	let at = 0;
+	const take = (pattern: RegExp) => {
+		pattern.lastIndex = at;
+		const found = pattern.exec(text);
+		if (found) at = pattern.lastIndex;
+		return found;
+	};
+	const fail = (): never => {
+		throw new SyntaxError("not a structured field");
+	};
+	const key = () => take(/[a-z*][a-z0-9_\-.*]*/y)?.[0] ?? fail();
+	function bare(): Bare {
+		const found = take(BARE_ITEM) ?? fail();
+		if (found[1] !== undefined) {
+			return found[2] ? { decimal: Number(found[0]) } : Number(found[1]);
+		}
+		if (found[3] !== undefined) return found[3].replace(/\\(.)/g, "$1");
+		if (found[4] !== undefined) return { token: found[4] };
+		if (found[5] !== undefined) return Buffer.from(found[5], "base64");
+		return found[6] === "1";
+	}
+	function params(): [string, Bare][] {
+		const list: [string, Bare][] = [];
+		while (take(/;\x20*/y)) list.push([key(), take(/=/y) ? bare() : true]);
+		return list;
+	}
+	function itemOrInnerList(): Member {
+		if (!take(/\(/y)) return { value: bare(), params: params() };
+		const items: Member[] = [];
+		while (take(/\x20*/y) && !take(/\)/y)) {
+			items.push({ value: bare(), params: params() });
+			if (!/[\x20)]/.test(text[at] ?? "")) fail();
+		}
+		return { value: items, params: params() };
+	}
+	try {
+		const members: [string, Member][] = [];
+		while (at < text.length) {
+			const name = key();
+			members.push([
+				name,
+				take(/=/y) ? itemOrInnerList() : { value: true, params: params() },
+			]);
+			if (!take(/[\x20\t]*(?:,[\x20\t]*(?=.)|$)/y)) fail();
+		}
+		return members;
+	} catch {
+		return null;
+	}
+}
+
+// RFC 8941 §4.1, for what the profile takes (strings and integers, which readProfile checked):
+// @signature-params is rebuilt from what was received.
+function serialize(member: Member): string {
+	const bare = (value: unknown) =>
+		typeof value === "string" ? JSON.stringify(value) : String(value);
+	const params = (list: [string, Bare][]) =>
+		list.map(([name, value]) => `;${name}=${bare(value)}`).join("");
+	const items = (member.value as Member[]).map((item) => bare(item.value));
+	return `(${items.join(" ")})${params(member.params)}`;
+}
+
+// ==== 3. The edges: each way into the server, and why the door stands there =================
 
 // What Express adds: `baseUrl`, the mount path taken off `url`; `originalUrl`, the client's URL.
 type Request = IncomingMessage & Marked & {
@@ -286,7 +563,7 @@ function rejectRequest(
 		closeWithin(req.socket, LINGER_MS);
 	}
 	if (typeof gateway?.settings.onError === "function") {
-		res.setHeader("WWW-Authenticate", CHALLENGE);
+		for (const [field, value] of Object.entries(refusal.challenge)) res.setHeader(field, value);
 		if (hasBody) res.setHeader("Connection", "close");
 		// An error of this request's own: the gateway's `onError` may change what it gets.
 		const error = new Errors.UnAuthorizedError(refusal.type, undefined);
@@ -459,8 +736,13 @@ function dropRouteCalls(door: Door, routeActions: Set<string>) {
 	};
 }
 
-// Removes both door headers from every form of the request's headers, so a service that
-// forwards copied headers sends neither. The raw headers are compacted in place. An HTTP/1
+// The headers that carry the secret or its proof, and the consumer that rides on them.
+const DOOR_HEADERS = new Set([HEADER, CONSUMER_HEADER, "signature", "signature-input"]);
+const DOOR_HEADER_LENGTHS = new Set([...DOOR_HEADERS].map((field) => field.length));
+const isDoorHeader = (field: string) => DOOR_HEADERS.has(field);
+
+// Removes the door's headers from every form of the request's headers, so a service that
+// forwards copied headers sends none of them. The raw headers are compacted in place. An HTTP/1
 // request gets `headers` as a copy through Node's public setter (a `delete` would make it a
 // slow dictionary), and `headersDistinct` as an own property, built on first use from the wiped
 // raw headers: Node would build it from a count that no longer holds, and building it for every
@@ -470,9 +752,10 @@ function wipeHeaders({ target, headers, rawHeaders }: Arrival) {
 	let kept = 0;
 	for (let index = 0; index < rawHeaders.length; index += 2) {
 		const field = rawHeaders[index]!;
-		// Only a name that starts with "x" and is as long as a door header's is lowercased.
-		const mayBeDoor = (field.charCodeAt(0) | 0x20) === 0x78 &&
-			(field.length === HEADER.length || field.length === CONSUMER_HEADER.length);
+		// Only a name that starts with "x" or "s" and has a door header's length is lowercased.
+		const first = field.charCodeAt(0) | 0x20;
+		const mayBeDoor = (first === 0x78 || first === 0x73) &&
+			DOOR_HEADER_LENGTHS.has(field.length);
 		if (mayBeDoor && isDoorHeader(field.toLowerCase())) continue;
 		rawHeaders[kept] = field;
 		rawHeaders[kept + 1] = rawHeaders[index + 1]!;
@@ -480,8 +763,7 @@ function wipeHeaders({ target, headers, rawHeaders }: Arrival) {
 	}
 	rawHeaders.length = kept;
 	if (!("rawHeaders" in target)) {
-		delete headers[HEADER];
-		delete headers[CONSUMER_HEADER];
+		for (const field of DOOR_HEADERS) delete headers[field];
 		return;
 	}
 	const copy: Headers = {};
@@ -489,8 +771,6 @@ function wipeHeaders({ target, headers, rawHeaders }: Arrival) {
 	(target as IncomingMessage).headers = copy as IncomingMessage["headers"];
 	Object.defineProperty(target, "headersDistinct", DISTINCT_FROM_RAW);
 }
-
-const isDoorHeader = (field: string) => field === HEADER || field === CONSUMER_HEADER;
 
 // One descriptor for every request: the getter builds headersDistinct as Node does, once.
 const WRITABLE = { writable: true, enumerable: true, configurable: true };
@@ -574,7 +854,7 @@ function warnOfPublicPaths(logger: Logger, publicPaths: Set<string>, gateways: G
 	}
 }
 
-// ==== 3. The options, checked at the call ==================================================
+// ==== 4. The options, checked at the call ==================================================
 
 // The messages never hold the value: they go to the logs.
 function readSecrets(value: unknown): string[] {
@@ -625,6 +905,13 @@ function readPublicPaths(value: string | readonly string[] | undefined): Set<str
 	return paths;
 }
 
+function readSignatureMode(value: unknown): "accept" | "require" {
+	if (value === undefined || value === "accept" || value === "require") return value ?? "accept";
+	throw configError(
+		`SharedSecretMiddleware: signatures is "${value}"; it needs accept or require.`,
+	);
+}
+
 function readSeconds(name: string, value: number): number {
 	if (Number.isInteger(value) && value >= 1) return value;
 	throw configError(
@@ -639,7 +926,7 @@ function configError(message: string): Error {
 	return error;
 }
 
-// ==== 4. The rotation report: which secret is in use, by position, never by value ==========
+// ==== 5. The rotation report: which secret is in use, by position, never by value ==========
 
 type Metric = { set(value: number, labels: Record<string, string | number>): void };
 
@@ -705,7 +992,7 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 
 const duration = (s: number) => (s % 60 ? `${s} s` : `${s / 60} minute${s === 60 ? "" : "s"}`);
 
-// ==== 5. The door: its state, the check at each edge, and the hooks =========================
+// ==== 6. The door: its state, the check at each edge, and the hooks =========================
 
 export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	// Moleculer calls a function in `middlewares` with the broker: the call was left out.
@@ -718,15 +1005,20 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 	const publicPaths = readPublicPaths(options.publicPaths);
 	const reportSeconds = readSeconds("reportSeconds", options.reportSeconds ?? 60);
 	const quietSeconds = readSeconds("quietSeconds", options.quietSeconds ?? 600);
+	const signatures = readSignatureMode(options.signatures);
 	const zeros = () => secrets.map(() => 0);
 	const door: Door = {
 		// Set on what this door let in: another door in the same process neither sees nor sets it.
 		mark: Symbol("SharedSecretMiddleware admitted"),
 		secrets,
 		whichSecret: createSecretMatcher(secrets),
+		signatures,
+		signingKeys: createSigningKeys(secrets),
+		// A signature is valid for WINDOW_PAST_S + WINDOW_AHEAD_S: its nonce is kept that long.
+		firstUse: createNonceCache((WINDOW_PAST_S + WINDOW_AHEAD_S) * 1000),
 		publicPaths,
 		publicUrls: new Set([...publicPaths].map((item) => item.slice(item.indexOf(" ") + 1))),
-		tally: { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0 },
+		tally: { accepted: zeros(), lastSeen: zeros(), missing: 0, invalid: 0, secretOnTheWire: 0 },
 		logger: undefined,
 	};
 	const gateways: Gateway[] = [];
@@ -740,7 +1032,10 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 			door.logger = broker.logger;
 			rotationReport = createRotationReport(broker, door.tally, reportSeconds, quietSeconds);
 			const listed = [...publicPaths].join(", ") || "none";
-			door.logger.info(`SharedSecretMiddleware: ${HEADER} required; public: ${listed}.`);
+			const form = signatures === "require"
+				? `a "${LABEL}" signature`
+				: `${HEADER} or a signature`;
+			door.logger.info(`SharedSecretMiddleware: ${form} required; public: ${listed}.`);
 		},
 		serviceCreating(_service: Service, schema: ServiceSchema) {
 			if (isGateway(schema)) keepRoutesLocal(schema);
@@ -793,6 +1088,7 @@ export function SharedSecretMiddleware(options: SharedSecretOptions) {
 		setSecrets(replacement: unknown) {
 			const secretsNow = readSecrets(replacement);
 			door.whichSecret = createSecretMatcher(secretsNow);
+			door.signingKeys = createSigningKeys(secretsNow);
 			resizeTally(door.tally, door.secrets, secretsNow);
 			rotationReport?.restart();
 			door.secrets = secretsNow;
