@@ -22,15 +22,21 @@ loadDotEnv();
 // Moleculer resolves from a string (its transporters/index.js).
 const [ports, seconds] = ["a whole number from 0 to 65535", "whole seconds, 1 or more"];
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace"] as const;
+const MODES = ["accept", "require"] as const;
 const SCHEMES = "nats:// redis:// rediss:// mqtt:// mqtts:// amqp:// amqps:// kafka:// tcp://";
 const TRANSPORTERS = [...SCHEMES.split(" "), "NATS", "Redis", "MQTT", "AMQP", "Kafka", "TCP"];
 const config = {
 	secrets: process.env.SHARED_SECRET || undefined,
 	secretFile: process.env.SHARED_SECRET_FILE || undefined,
-	// "GET /health" is public unless PUBLIC_PATHS says otherwise; set empty, nothing is.
-	publicPaths: process.env.PUBLIC_PATHS ?? "GET /health",
-	reportSeconds: checked("SHARED_SECRET_REPORT_SECONDS", wholeNumber(1), seconds),
-	quietSeconds: checked("SHARED_SECRET_QUIET_SECONDS", wholeNumber(1), seconds),
+	// The door's options (middleware.ts), as the variables give them.
+	door: {
+		// "GET /health" is public unless PUBLIC_PATHS says otherwise; set empty, nothing is.
+		publicPaths: process.env.PUBLIC_PATHS ?? "GET /health",
+		reportSeconds: checked("SHARED_SECRET_REPORT_SECONDS", wholeNumber(1), seconds),
+		quietSeconds: checked("SHARED_SECRET_QUIET_SECONDS", wholeNumber(1), seconds),
+		// "accept": signed or with the header; "require": signed only (docs/zuplo.md).
+		signatures: checked("SHARED_SECRET_SIGNATURES", oneOf(...MODES), MODES.join(" or ")),
+	},
 	port: checked("PORT", wholeNumber(0, 65535), `${ports} (0: a free one)`) ?? 3000,
 	logLevel: checked("LOGLEVEL", oneOf(...LOG_LEVELS), LOG_LEVELS.join(", ")) ?? "info",
 	metricsPort: checked("METRICS_PORT", wholeNumber(0, 65535), `${ports} (0: off)`) ?? 0,
@@ -134,8 +140,7 @@ function createDoorOrExit() {
 	const secretFileContents = config.secretFile && readSecretFileOrExit(config.secretFile);
 	try {
 		const secrets = secretFileContents || config.secrets;
-		const { publicPaths, reportSeconds, quietSeconds } = config;
-		const door = SharedSecretMiddleware({ secrets, publicPaths, reportSeconds, quietSeconds });
+		const door = SharedSecretMiddleware({ secrets, ...config.door });
 		return { door, secretFileContents };
 	} catch (error) {
 		const message = (error as Error).message;
@@ -229,18 +234,13 @@ function watchSecretFile(path: string, applied: string, door: { setSecrets(s: un
 			// Not settled yet: the next re-read tries again.
 			if ((await read()) !== first) return;
 			lastSeen = first;
-			apply(first);
-		} finally {
-			reading = false;
-		}
-	}
-	function apply(contents: string | void) {
-		try {
-			if (contents === undefined) throw new Error("the file is gone.");
-			door.setSecrets(contents);
+			if (first === undefined) throw new Error("the file is gone.");
+			door.setSecrets(first);
 		} catch (error) {
 			const why = (error as Error).message;
 			broker.logger.warn(`SHARED_SECRET_FILE ${path}: the door keeps its secrets: ${why}`);
+		} finally {
+			reading = false;
 		}
 	}
 	setInterval(reread, 1000).unref();

@@ -944,7 +944,16 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 	const log = (line: string) => broker.logger.info(`SharedSecretMiddleware: ${line}`);
 	const [period, quietFor] = [duration(every), duration(quiet)];
 	let [reported, since, saidQuiet] = [[...tally.accepted], Date.now(), [] as boolean[]];
+	let reportedOnTheWire = tally.secretOnTheWire;
 	function logUsage() {
+		const onTheWire = tally.secretOnTheWire - reportedOnTheWire;
+		reportedOnTheWire = tally.secretOnTheWire;
+		if (onTheWire > 0) {
+			log(
+				`${onTheWire} requests in ${period} carried ${HEADER}, which signatures: "require" ` +
+					"refuses: the secret is still on the wire. Remove it at the API gateway.",
+			);
+		}
 		for (let index = 1; index < tally.accepted.length; index++) {
 			const entry = `secrets entry ${index + 1} of ${tally.accepted.length}`;
 			const used = tally.accepted[index]! - (reported[index] ?? 0);
@@ -965,6 +974,12 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 	const accepted = metric("counter", "accepted.total", ["entry"], "Requests let in, by entry");
 	const refusals = metric("counter", "refused.total", ["reason"], "Requests refused, by reason");
 	const lastSeen = metric("gauge", "last_seen.seconds", ["entry"], "Each entry's last use");
+	const onTheWire = metric(
+		"counter",
+		"secret_on_the_wire.total",
+		[],
+		"Unsigned, with the secret",
+	);
 	function copyToMetrics() {
 		tally.accepted.forEach((count, index) => accepted.set(count, { entry: index + 1 }));
 		tally.lastSeen.forEach((ms, index) =>
@@ -972,6 +987,7 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 		);
 		refusals.set(tally.missing, { reason: "missing" });
 		refusals.set(tally.invalid, { reason: "invalid" });
+		onTheWire.set(tally.secretOnTheWire, {});
 	}
 	const timers: ReturnType<typeof setInterval>[] = [];
 	return {

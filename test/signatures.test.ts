@@ -388,3 +388,55 @@ describe('signatures: "require"', () => {
 		assert.deepEqual(seen, ["upgrade"]);
 	});
 });
+
+test('"require": the report says when the secret still travels, and the metrics count it', async () => {
+	const lines: string[] = [];
+	const door = SharedSecretMiddleware({
+		secrets: SECRET,
+		signatures: "require",
+		reportSeconds: 1,
+	});
+	const broker = new ServiceBroker({
+		logger: {
+			type: "Console",
+			options: {
+				level: "info",
+				formatter(_level: string, args: unknown[]) {
+					lines.push(args.map(String).join(" "));
+					return [];
+				},
+			},
+		},
+		metrics: { enabled: true },
+		middlewares: [door],
+	});
+	broker.createService({ name: "api", actions: { echo: () => "ok" } });
+	const gateway = broker.createService({
+		name: "gateway",
+		mixins: [ApiGateway],
+		settings: {
+			port: 0,
+			ip: "127.0.0.1",
+			routes: [{ path: "/api", aliases: { "GET /echo": "api.echo" } }],
+		},
+	}) as unknown as { server: Server };
+	await broker.start();
+	const base = `http://127.0.0.1:${(gateway.server.address() as { port: number }).port}`;
+	try {
+		for (let i = 0; i < 3; i++) await send(base, "/api/echo", { "x-shared-secret": SECRET });
+		assert.equal((await send(base, "/api/echo", await sign(base))).status, 200);
+		await new Promise((resolve) => setTimeout(resolve, 1300));
+		assert.ok(
+			lines.includes(
+				'SharedSecretMiddleware: 3 requests in 1 s carried x-shared-secret, which signatures: "require" refuses: the secret is still on the wire. Remove it at the API gateway.',
+			),
+			lines.join("\n"),
+		);
+		const metric = broker.metrics.getMetric("shared_secret.secret_on_the_wire.total");
+		assert.equal(metric?.get({})?.value, 3);
+		const accepted = broker.metrics.getMetric("shared_secret.accepted.total");
+		assert.equal(accepted?.get({ entry: 1 })?.value, 1, "the signed request, by entry");
+	} finally {
+		await broker.stop();
+	}
+});

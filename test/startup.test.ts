@@ -109,6 +109,11 @@ const exits: [string, Record<string, string | undefined>, RegExp][] = [
 		/FATAL origin: Neither SHARED_SECRET nor SHARED_SECRET_FILE is set\. Run `npm run setup` to write \.env with a fresh secret, or make one: openssl rand/,
 	],
 	[
+		"SHARED_SECRET_SIGNATURES unknown",
+		{ SHARED_SECRET_SIGNATURES: "sometimes" },
+		/FATAL origin: SHARED_SECRET_SIGNATURES is "sometimes"; it needs accept or require\./,
+	],
+	[
 		"SHARED_SECRET short",
 		{ SHARED_SECRET: "abc" },
 		/FATAL origin: SHARED_SECRET: secrets entry 1 of 1 is 3 characters; it needs 32\. Make one/,
