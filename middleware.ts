@@ -130,7 +130,7 @@ type Tally = {
 	lastSeen: number[];
 	missing: number;
 	invalid: number;
-	/** Requests refused in "require" mode that carried the header: the secret still travels. */
+	/** Requests in "require" mode that carried the header, signed or not: it still travels. */
 	secretOnTheWire: number;
 };
 type Logger = ServiceBroker["logger"];
@@ -178,10 +178,13 @@ function check(door: Door, arrival: Arrival): Refusal | undefined {
 		(target as Marked)[door.mark] = { method, url, consumer: undefined };
 		return undefined;
 	}
+	// With signatures required, the header only says that the secret still travels.
+	const required = door.signatures === "require";
+	if (required && presented !== undefined) door.tally.secretOnTheWire += 1;
 	const entry = signed
 		? verifySignature(door, { method, url, consumer, signatureInput, signature })
-		: door.signatures === "require"
-		? refuseUnsigned(door, presented)
+		: required
+		? NO_SIGNATURE
 		: whichEntry(door, presented);
 	if (typeof entry !== "number") return entry;
 	door.tally.accepted[entry - 1]! += 1;
@@ -197,12 +200,6 @@ function whichEntry(door: Door, presented: unknown): number | Refusal {
 	if (!presented) return NO_SECRET;
 	const entry = door.whichSecret(presented);
 	return entry === 0 ? WRONG_SECRET : entry;
-}
-
-// Signatures required: a request that still carries the secret is counted, for the report.
-function refuseUnsigned(door: Door, presented: unknown): Refusal {
-	if (presented !== undefined) door.tally.secretOnTheWire += 1;
-	return NO_SIGNATURE;
 }
 
 // A public path matches the method and the exact path before "?": no prefix, decoding or
@@ -950,8 +947,8 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 		reportedOnTheWire = tally.secretOnTheWire;
 		if (onTheWire > 0) {
 			log(
-				`${onTheWire} requests in ${period} carried ${HEADER}, which signatures: "require" ` +
-					"refuses: the secret is still on the wire. Remove it at the API gateway.",
+				`${onTheWire} requests in ${period} carried ${HEADER}: the secret is still on the ` +
+					'wire. With signatures: "require", remove it at the API gateway.',
 			);
 		}
 		for (let index = 1; index < tally.accepted.length; index++) {
