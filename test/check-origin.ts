@@ -7,11 +7,13 @@
  * `WWW-Authenticate`; anything else answered from behind the door. What is public is what the
  * operator declares with --public, never what the origin's environment says: a check that read
  * the origin's PUBLIC_PATHS would call a path that wrongly opens a route "held". With
- * SHARED_SECRET set (the origin's format, "new,old"), each path gets one request with the
- * current secret, which must pass the door. The secret is never printed. It imports only Node's
- * built-ins, so it runs alone after a copy, under Node 22.18 or later.
+ * SHARED_SECRET set (the origin's format, "new,old"), each path gets one request signed with the
+ * current secret (RFC 9421, as middleware.ts part 2 verifies), which must pass the door: the
+ * secret itself never travels. Only an origin whose door takes no signatures gets the secret in
+ * a header, and over http:// only to this machine, unless --allow-plain-http. The secret is never
+ * printed. It imports only Node's built-ins, so it runs alone after a copy, under Node 22.18+.
  */
-import { randomBytes } from "node:crypto";
+import { createHash, createHmac, randomBytes } from "node:crypto";
 import http2 from "node:http2";
 import { connect as connectTcp, isIP, type Socket } from "node:net";
 import { connect as connectTls } from "node:tls";
@@ -32,20 +34,36 @@ the origin at <origin-url>, a row each, and tells whether every row held.
   --allow-plain-http       send SHARED_SECRET over http:// to a host that is not this machine
 
 SHARED_SECRET (optional): the origin's secret, "new,old" as the origin takes it; each path then
-gets one request with the current one, which must pass the door. It is never printed.
+gets one request signed with the current one, which must pass the door, and the rows that a
+wrong signature and a replayed one must not. The secret never travels, except in a header to an
+origin whose door takes no signatures. It is never printed.
 
 Exit codes: 0 every row held; 1 something answered from behind the door, or a refusal was
 incomplete; 2 a usage error; 3 nothing could be checked (unreachable, TLS against plain HTTP, no
 answer at all, or the origin refuses this checker's own secret).`;
-const CHALLENGE = 'SharedSecret header="x-shared-secret"';
+// The door's two challenges: for the header, and for a signature (and in "require" mode).
+const CHALLENGES = new Map(
+	[
+		['SharedSecret header="x-shared-secret"', "header"],
+		['SharedSecret signature="zuplo"', "signature"],
+	] as const,
+);
 // How many tries run at once: a few, so a silent server still ends the check within 60 s.
 const AT_ONCE = 8;
 // How many failed rows the summary line names; the table above it lists them all.
 const NAMED_IN_SUMMARY = 5;
 
 /** Why a try got no answer: the verdict tells an unreachable origin from a silent one. */
-type Failure = { failure: string; kind: "unreachable" | "tls" | "silent" | "refused h2" };
-type Answer = { status: number; challenge: boolean; interim: number[] } | Failure;
+type Failure = {
+	failure: string;
+	kind: "unreachable" | "tls" | "silent" | "refused h2" | "secret kept";
+};
+/** An answer; `challenge` names which of the door's challenges it carried, if any. */
+type Answer = {
+	status: number;
+	challenge: "header" | "signature" | undefined;
+	interim: number[];
+} | Failure;
 type Expectation = "the door's 401" | "an answer" | "no switch" | "passes the door";
 type Row = {
 	try: string;
@@ -130,14 +148,16 @@ function failureOf(error: NodeJS.ErrnoException): Failure {
 function exchange(url: URL, head: string, body: Buffer | undefined, ms: number): Promise<Answer> {
 	return new Promise((resolve) => {
 		const port = Number(url.port) || (url.protocol === "https:" ? 443 : 80);
+		// An IPv6 literal is bracketed in a URL, and bare in a connection.
+		const host = url.hostname.replace(/^\[|\]$/g, "");
 		const socket: Socket = url.protocol === "https:"
 			? connectTls({
-				host: url.hostname,
+				host,
 				port,
-				servername: isIP(url.hostname) ? undefined : url.hostname,
+				servername: isIP(host) ? undefined : host,
 				ALPNProtocols: ["http/1.1"],
 			})
-			: connectTcp({ host: url.hostname, port });
+			: connectTcp({ host, port });
 		let received = "";
 		const interim: number[] = [];
 		const done = (answer: Answer) => {
@@ -165,9 +185,9 @@ function exchange(url: URL, head: string, body: Buffer | undefined, ms: number):
 					interim.push(status);
 					continue;
 				}
-				const challenge = lines.some((line) =>
-					/^www-authenticate:/i.test(line) &&
-					line.slice(line.indexOf(":") + 1).trim() === CHALLENGE
+				const field = lines.find((line) => /^www-authenticate:/i.test(line));
+				const challenge = CHALLENGES.get(
+					field?.slice(field.indexOf(":") + 1).trim() as never,
 				);
 				return done({ status, challenge, interim });
 			}
@@ -225,7 +245,7 @@ function exchangeHttp2(url: URL, path: string, ms: number): Promise<Answer> {
 			done({ failure: error.code ?? "error", kind: "silent" });
 		});
 		stream.on("response", (headers) => {
-			const challenge = headers["www-authenticate"] === CHALLENGE;
+			const challenge = CHALLENGES.get(headers["www-authenticate"] as never);
 			done({ status: Number(headers[":status"]), challenge, interim: [] });
 		});
 		stream.end();
@@ -233,6 +253,25 @@ function exchangeHttp2(url: URL, path: string, ms: number): Promise<Answer> {
 }
 
 // ---- What is tried --------------------------------------------------------------------------------
+
+// The origin's signed form (middleware.ts, part 2): RFC 9421, label zuplo, HMAC-SHA256 under the
+// secret over the method and the path and query as sent. Each call signs anew: a nonce passes
+// once, and `created` must be recent.
+function signed(secret: string, method: string, target: string): string {
+	const query = target.indexOf("?");
+	const [path, search] = query === -1
+		? [target, "?"]
+		: [target.slice(0, query), target.slice(query)];
+	const keyId = createHash("sha256").update(`keyid:${secret}`).digest("base64url").slice(0, 8);
+	const nonce = randomBytes(16).toString("base64url");
+	const created = Math.floor(Date.now() / 1000);
+	const params =
+		`("@method" "@path" "@query");created=${created};nonce="${nonce}";keyid="${keyId}";alg="hmac-sha256"`;
+	const base =
+		`"@method": ${method}\n"@path": ${path}\n"@query": ${search}\n"@signature-params": ${params}`;
+	const mac = createHmac("sha256", secret).update(base).digest("base64");
+	return `Signature-Input: zuplo=${params}\r\nSignature: zuplo=:${mac}:\r\n`;
+}
 
 function plan(options: Options, secret: string | undefined) {
 	const { url, publicPaths } = options;
@@ -326,13 +365,53 @@ function plan(options: Options, secret: string | undefined) {
 		const head = `${method} ${at(path)} HTTP/1.1\r\n${host}Connection: close\r\n\r\n`;
 		send("public path", `${method} ${at(path)}`, head, undefined, "an answer");
 	}
-	// With the secret, each path gets past the door.
-	if (!secret) skipped.push(`${paths.length} rows with the secret (SHARED_SECRET is not set)`);
+	// With the secret, each path gets past the door, signed; a wrong signature and a replayed
+	// one do not.
+	if (!secret) {
+		skipped.push(`${paths.length * 2 + 1} rows with the secret (SHARED_SECRET is not set)`);
+	}
+	const get = (path: string, extra: string) =>
+		`GET ${at(path)} HTTP/1.1\r\n${host}${extra}Connection: close\r\n\r\n`;
+	const exchangeGet = (path: string, extra: string) =>
+		exchange(url, get(path, extra), undefined, options.timeoutMs);
 	for (const path of secret ? paths : []) {
-		const head = `GET ${
-			at(path)
-		} HTTP/1.1\r\n${host}x-shared-secret: ${secret}\r\nConnection: close\r\n\r\n`;
-		send("with the secret", `GET ${at(path)}`, head, undefined, "passes the door");
+		tries.push({
+			name: "signed with the secret",
+			sent: `GET ${at(path)}`,
+			expected: "passes the door",
+			run: async () => {
+				const answer = await exchangeGet(path, signed(secret!, "GET", at(path)));
+				// The header's challenge to a signed request: a door that takes no signatures.
+				if ("failure" in answer || answer.challenge !== "header") return answer;
+				if (
+					url.protocol === "http:" && !isLoopback(url.hostname) && !options.allowPlainHttp
+				) {
+					const failure =
+						"takes no signatures; the secret stays here (--allow-plain-http)";
+					return { failure, kind: "secret kept" };
+				}
+				return exchangeGet(path, `x-shared-secret: ${secret}\r\n`);
+			},
+		});
+		if (isPublic("GET", path)) continue;
+		tries.push({
+			name: "a signature under a wrong secret",
+			sent: `GET ${at(path)}`,
+			expected: "the door's 401",
+			run: () => exchangeGet(path, signed(wrong(), "GET", at(path))),
+		});
+	}
+	for (const path of secret ? paths.slice(0, 1) : []) {
+		tries.push({
+			name: "a signed request, replayed",
+			sent: `GET ${at(path)}`,
+			expected: "the door's 401",
+			run: async () => {
+				const once = signed(secret!, "GET", at(path));
+				await exchangeGet(path, once);
+				return exchangeGet(path, once);
+			},
+		});
 	}
 	return { tries, skipped };
 }
@@ -342,10 +421,10 @@ function holds(expected: Expectation, answer: Answer): boolean {
 	if (expected === "the door's 401") {
 		// A server that refuses HTTP/2 before the request also holds; silence does not.
 		if ("failure" in answer) return answer.kind === "refused h2";
-		return answer.status === 401 && answer.challenge && !answer.interim.length;
+		return answer.status === 401 && answer.challenge !== undefined && !answer.interim.length;
 	}
 	if ("failure" in answer) return false;
-	const byTheDoor = answer.status === 401 && answer.challenge;
+	const byTheDoor = answer.status === 401 && answer.challenge !== undefined;
 	// A public path's upgrade: any answer but a switch to another protocol.
 	if (expected === "no switch") return answer.status !== 101;
 	// A public path, or a request with the secret: a real answer, not the door's 401.
@@ -394,6 +473,12 @@ function judge(rows: Row[], answers: Answer[]): Summary {
 		return { verdict: "not checked", exit: 3, reason };
 	}
 	const secretRows = rows.filter((row) => row.expected === "passes the door");
+	const kept = answers.find((answer) => "failure" in answer && answer.kind === "secret kept");
+	if (kept && secretRows.every((row) => row.answer === (kept as Failure).failure)) {
+		const reason = "the origin's door takes no signatures, and the secret would cross the " +
+			"network in clear: use an https:// URL, or pass --allow-plain-http";
+		return { verdict: "not checked", exit: 3, reason };
+	}
 	const secretRefused = secretRows.length > 0 &&
 		secretRows.every((row) => row.who === "the door");
 	const failed = rows.filter((row) => !row.held && !(secretRefused && secretRows.includes(row)));
@@ -435,15 +520,6 @@ function print(rows: Row[], skipped: string[], summary: Summary) {
 try {
 	const options = readArguments(process.argv.slice(2));
 	const secret = process.env.SHARED_SECRET?.split(",")[0]?.trim() || undefined;
-	const { url } = options;
-	if (secret && url.protocol === "http:" && !isLoopback(url.hostname)) {
-		if (!options.allowPlainHttp) {
-			usageError(
-				`SHARED_SECRET would cross the network in clear to ${url.hostname}: use an ` +
-					"https:// URL, or pass --allow-plain-http.",
-			);
-		}
-	}
 	const { tries, skipped } = plan(options, secret);
 	const { rows, answers } = await runAll(tries);
 	const summary = judge(rows, answers);
