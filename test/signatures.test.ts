@@ -253,6 +253,22 @@ describe('signatures: "accept", the default', () => {
 		});
 	}
 
+	test("a valid form that is not RFC 8941's own serialization goes through the full parser", async () => {
+		// Spaces inside the list, and another signer's member first: the door reads its own
+		// member and verifies what the signer signed, the list as RFC 8941 serializes it.
+		const headers = await sign(started.base);
+		const input = headers["Signature-Input"]!.replace(
+			"zuplo=(",
+			'other=("@method");created=1, zuplo=(  ',
+		);
+		const signature = `other=:AAAA:, ${headers["Signature"]}`;
+		const answer = await send(started.base, "/api/echo", {
+			"Signature-Input": input,
+			Signature: signature,
+		});
+		assert.equal(answer.status, 200, answer.body);
+	});
+
 	test("a replay is refused: the nonce passes once", async () => {
 		const headers = await sign(started.base);
 		assert.equal((await send(started.base, "/api/echo", headers)).status, 200);
