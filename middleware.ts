@@ -167,10 +167,8 @@ type Arrival = {
 // turns away gets back the reason, for the edge it came through to write (part 3).
 function check(door: Door, arrival: Arrival): Refusal | undefined {
 	const { target, headers, method, url } = arrival;
-	const presented = headers[HEADER];
-	const consumer = typeof headers[CONSUMER_HEADER] === "string"
-		? headers[CONSUMER_HEADER]
-		: undefined;
+	const [presented, sentConsumer] = [headers[HEADER], headers[CONSUMER_HEADER]];
+	const consumer = typeof sentConsumer === "string" ? sentConsumer : undefined;
 	const [signatureInput, signature] = [headers["signature-input"], headers["signature"]];
 	const signed = signatureInput !== undefined || signature !== undefined;
 	if (presented !== undefined || consumer !== undefined || signed) wipeHeaders(arrival);
@@ -536,6 +534,9 @@ type Gateway = Service & {
 	httpHandler(req: Request, res: ServerResponse, next?: unknown): unknown;
 };
 
+/** Where a refusal happens: this door, and the gateway whose server it guards, if any. */
+type Edge = { door: Door; gateway: Gateway | undefined };
+
 // A refused connection is closed this long after its 401, whatever the client does.
 const LINGER_MS = 500;
 const ignore = () => {};
@@ -568,11 +569,12 @@ const ENTRY_POINTS = new Map(
 // socket.io, a WebSocket server) from answering too, and prependListener can put a later one in
 // front. Wrapped, emit reaches the listeners only for what the door let in, whatever listens.
 function guardServer(door: Door, server: Server, gateway: Gateway | undefined) {
+	const edge: Edge = { door, gateway };
 	const emit = server.emit as (this: Server, event: string, ...args: unknown[]) => boolean;
 	server.emit = function emitAfterTheDoor(this: Server, event: string, ...args: unknown[]) {
 		const entryPoint = ENTRY_POINTS.get(event as "request");
 		if (entryPoint?.writer === "stream") {
-			if (refuseStream(door, args, gateway)) return true;
+			if (refuseStream(edge, args)) return true;
 		} else if (entryPoint) {
 			const req = args[0] as Request;
 			// One verdict per request: an HTTP/2 request met the door as its stream, and the
@@ -580,9 +582,9 @@ function guardServer(door: Door, server: Server, gateway: Gateway | undefined) {
 			if (req.stream) req[door.mark] ??= req.stream[door.mark];
 			const refusal = req[door.mark] ? undefined : checkRequest(door, req, entryPoint);
 			if (refusal && entryPoint.writer === "response") {
-				return rejectRequest(door, refusal, req, args[1] as ServerResponse, gateway);
+				return rejectRequest(edge, refusal, req, args[1] as ServerResponse);
 			}
-			if (refusal) return rejectSocket(door, refusal, req, args[1] as Duplex, gateway);
+			if (refusal) return rejectSocket(edge, refusal, req, args[1] as Duplex);
 		}
 		return emit.call(this, event, ...args);
 	} as Server["emit"];
@@ -610,14 +612,9 @@ function checkRequest(
 
 // The one writer of a 401 to an HTTP/1 request, or an HTTP/2 one through Node's compatibility
 // API. It returns `true`, which tells moleculer-web and Node's emit that the request is answered.
-function rejectRequest(
-	door: Door,
-	refusal: Refusal,
-	req: Request,
-	res: ServerResponse,
-	gateway?: Gateway,
-) {
-	countAndLog(door, refusal, req.method, req.url, gateway);
+function rejectRequest(edge: Edge, refusal: Refusal, req: Request, res: ServerResponse) {
+	countAndLog(edge, refusal, req.method, req.url);
+	const { gateway } = edge;
 	res.on("error", ignore);
 	// HTTP/1 only: an HTTP/2 request's body is its own stream, and its socket carries others.
 	const { "content-length": length = "0", "transfer-encoding": chunked } = req.headers;
@@ -646,19 +643,12 @@ function rejectRequest(
 
 // Node emits `stream` with (stream, headers, flags, rawHeaders): a stream has no request object,
 // so its headers and raw headers are the event's. A CONNECT stream opens a tunnel.
-function refuseStream(door: Door, args: unknown[], gateway: Gateway | undefined): boolean {
+function refuseStream(edge: Edge, args: unknown[]): boolean {
 	const [stream, headers, , rawHeaders = []] = args as [ServerHttp2Stream, Headers, 0, string[]];
 	const [method, url] = [String(headers[":method"]), String(headers[":path"])];
-	const publicPathsApply = method !== "CONNECT";
-	const refusal = check(door, {
-		target: stream,
-		headers,
-		rawHeaders,
-		method,
-		url,
-		publicPathsApply,
-	});
-	if (refusal) rejectStream(door, refusal, stream, method, url, gateway);
+	const arrival = { target: stream, headers, rawHeaders, method, url };
+	const refusal = check(edge.door, { ...arrival, publicPathsApply: method !== "CONNECT" });
+	if (refusal) rejectStream(edge, refusal, stream, method, url);
 	return refusal !== undefined;
 }
 
@@ -667,14 +657,8 @@ function refuseStream(door: Door, args: unknown[], gateway: Gateway | undefined)
 // so the door adds one first: a client that resets would crash the process otherwise. Node no
 // longer counts the socket as its connection, so closeAllConnections() would never end it: the
 // door does, within a bound.
-function rejectSocket(
-	door: Door,
-	refusal: Refusal,
-	req: Request,
-	socket: Duplex,
-	gateway?: Gateway,
-) {
-	countAndLog(door, refusal, req.method, req.url, gateway);
+function rejectSocket(edge: Edge, refusal: Refusal, req: Request, socket: Duplex) {
+	countAndLog(edge, refusal, req.method, req.url);
 	socket.on("error", ignore);
 	socket.end(refusal.bytes);
 	closeWithin(socket, LINGER_MS);
@@ -686,14 +670,13 @@ function rejectSocket(
 // GOAWAY with an error code can end the stream between two lines, so an error listener comes
 // first, and a throw from a stream that is gone is dropped with it.
 function rejectStream(
-	door: Door,
+	edge: Edge,
 	refusal: Refusal,
 	stream: ServerHttp2Stream,
 	method: string,
 	url: string,
-	gateway?: Gateway,
 ) {
-	countAndLog(door, refusal, method, url, gateway);
+	countAndLog(edge, refusal, method, url);
 	stream.on("error", ignore);
 	try {
 		if (!stream.destroyed && !stream.headersSent) {
@@ -710,13 +693,7 @@ function rejectStream(
 // Counts a refusal, and logs one short line, as moleculer-web logs each response: at the level
 // of the gateway's `logResponse` ("info" by default; null logs none), or "info" where the door
 // stands in front of no gateway (door.guard, door.express).
-function countAndLog(
-	door: Door,
-	refusal: Refusal,
-	method: unknown,
-	url: unknown,
-	gateway?: Gateway,
-) {
+function countAndLog({ door, gateway }: Edge, refusal: Refusal, method: unknown, url: unknown) {
 	door.tally[refusal.reason] += 1;
 	const level = gateway ? gateway.settings.logResponse : "info";
 	const log = (gateway?.logger ?? door.logger) as Record<string, unknown> | undefined;
@@ -730,9 +707,10 @@ function countAndLog(
 // stands there too, with the same rule as door.express() (below).
 function guardHttpHandler(door: Door, gateway: Gateway) {
 	const httpHandler = gateway.httpHandler;
+	const edge: Edge = { door, gateway };
 	gateway.httpHandler = function httpHandlerAfterTheDoor(req: Request, res, next) {
 		const refusal = admitOnce(door, req);
-		if (refusal) return rejectRequest(door, refusal, req, res, gateway);
+		if (refusal) return rejectRequest(edge, refusal, req, res);
 		// Mounted in Express, the gateway routes the URL below its mount point.
 		req[door.mark]!.routedUrl = req.url ?? "";
 		return httpHandler.call(this, req, res, next);
@@ -743,7 +721,7 @@ function guardHttpHandler(door: Door, gateway: Gateway) {
 function guardExpress(door: Door) {
 	return function sharedSecretDoor(req: IncomingMessage, res: ServerResponse, next: () => void) {
 		const refusal = admitOnce(door, req as Request);
-		if (refusal) rejectRequest(door, refusal, req as Request, res);
+		if (refusal) rejectRequest({ door, gateway: undefined }, refusal, req as Request, res);
 		else next();
 	};
 }
@@ -777,7 +755,9 @@ function guardRest(door: Door, next: ActionHandler): ActionHandler {
 		const { req, res } = ctx.params as { req: Request; res: ServerResponse };
 		const admission = req[door.mark];
 		if (admission === undefined || req.method !== admission.method) {
-			return Promise.resolve(rejectRequest(door, NO_SECRET, req, res));
+			return Promise.resolve(
+				rejectRequest({ door, gateway: undefined }, NO_SECRET, req, res),
+			);
 		}
 		req.url = admission.routedUrl ?? admission.url;
 		// A meta object of its own: moleculer-web may share one (rootCallOptions.meta).
@@ -914,7 +894,7 @@ function warnOfPublicPaths(logger: Logger, publicPaths: Set<string>, gateways: G
 		if (mounted.some(matches)) {
 			logger.warn(
 				`SharedSecretMiddleware: public path "${item}" matches an alias of a mounted ` +
-					`gateway as it stands. Public paths are full paths, as the client sends them: ` +
+					"gateway as it stands. Public paths are full paths, as clients send them: " +
 					`under app.use("/api", gateway.express()), write "${method} /api${url}".`,
 			);
 		}
@@ -1017,8 +997,8 @@ function createRotationReport(broker: ServiceBroker, tally: Tally, every: number
 		reportedOnTheWire = tally.secretOnTheWire;
 		if (onTheWire > 0) {
 			log(
-				`${onTheWire} requests in ${period} carried ${HEADER}: the secret is still on the ` +
-					'wire. With signatures: "require", remove it at the API gateway.',
+				`${onTheWire} requests in ${period} carried ${HEADER}: the secret is still ` +
+					'on the wire. With signatures: "require", remove it at the API gateway.',
 			);
 		}
 		for (let index = 1; index < tally.accepted.length; index++) {

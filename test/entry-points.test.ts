@@ -487,7 +487,7 @@ test("a mounted gateway's alias written as a public path gets a warning: public 
 	try {
 		await broker.start();
 		assert.deepEqual(lines, [
-			'SharedSecretMiddleware: public path "GET /status" matches an alias of a mounted gateway as it stands. Public paths are full paths, as the client sends them: under app.use("/api", gateway.express()), write "GET /api/status".',
+			'SharedSecretMiddleware: public path "GET /status" matches an alias of a mounted gateway as it stands. Public paths are full paths, as clients send them: under app.use("/api", gateway.express()), write "GET /api/status".',
 		]);
 	} finally {
 		await broker.stop();
