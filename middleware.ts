@@ -308,6 +308,8 @@ type Signed = {
 // Verifies the `zuplo` signature: the secrets entry it was signed with, or why it is refused.
 // `@path` and `@query` are the URL split at the first "?", never decoded. Never throws.
 function verifySignature(door: Door, signed: Signed): number | Refusal {
+	// A tunnel opens no request for a signature to cover: a signed CONNECT is refused.
+	if (signed.method === "CONNECT") return INVALID_SIGNATURE;
 	const input = memberOf(signed.signatureInput);
 	const signature = memberOf(signed.signature);
 	if (input === undefined || signature === undefined) return NO_SIGNATURE;

@@ -372,6 +372,30 @@ describe('signatures: "require"', () => {
 		}
 	});
 
+	test("a CONNECT is refused, signed or not", async () => {
+		const tunnels: string[] = [];
+		started.server.on("connect", (_req, socket) => {
+			tunnels.push("opened");
+			socket.end("HTTP/1.1 200 Connection Established\r\n\r\n");
+		});
+		const port = Number(new URL(started.base).port);
+		// Signed for exactly what the origin receives: only the rule refuses it.
+		const headers = await sign(started.base, { method: "CONNECT", path: "/api/echo" });
+		const answer = await new Promise<string>((resolve) => {
+			let text = "";
+			const socket = connect(port, "127.0.0.1", () => {
+				const lines = Object.entries(headers).map(([field, value]) =>
+					`${field}: ${value}\r\n`
+				);
+				socket.end(`CONNECT /api/echo HTTP/1.1\r\nHost: x\r\n${lines.join("")}\r\n`);
+			});
+			socket.setEncoding("latin1").on("data", (chunk: string) => (text += chunk));
+			socket.on("close", () => resolve(text)).on("error", () => {});
+		});
+		assert.match(answer, /^HTTP\/1\.1 401 /);
+		assert.deepEqual(tunnels, []);
+	});
+
 	test("an upgrade signs the GET the origin receives", async () => {
 		// A raw upgrade: signed, it meets the upgrade listener; unsigned, the door's 401.
 		const seen: string[] = [];
