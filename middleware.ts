@@ -721,7 +721,7 @@ function guardHttpHandler(door: Door, gateway: Gateway) {
 	};
 }
 
-/** For an Express app: the door in front of every route, door.express() in part 5. */
+/** For an Express app: the door in front of every route, door.express() in part 6. */
 function guardExpress(door: Door) {
 	return function sharedSecretDoor(req: IncomingMessage, res: ServerResponse, next: () => void) {
 		const refusal = admitOnce(door, req as Request);
@@ -736,8 +736,8 @@ function guardExpress(door: Door) {
 // otherwise route what the door never saw. Public paths are matched against the URL as the client
 // sent it, Express's `originalUrl`, so they mean the same whichever pieces are on.
 function admitOnce(door: Door, req: Request) {
-	const request = { publicPathsApply: true };
-	const refusal = req[door.mark] ? undefined : checkRequest(door, req, request, req.originalUrl);
+	const plain = ENTRY_POINTS.get("request")!;
+	const refusal = req[door.mark] ? undefined : checkRequest(door, req, plain, req.originalUrl);
 	if (refusal) return refusal;
 	const { method, url } = req[door.mark]!;
 	return req.method === method && isSameUrl(req, url) ? undefined : NO_SECRET;
