@@ -11,10 +11,6 @@
  * moleculer-web 0.11.0 and 0.14.36 + 0.10.8, Node 22 and 24, Deno 2, Bun 1, Express 4 and 5. It
  * imports nothing of its project: copy it alone. To update a copy, compare it with the template's
  * newest middleware.ts; docs/copy-the-door.md says what each version changed.
- *
- * Parts: 1. what the page promises; 2. the signed form (RFC 9421); 3. the edges, each way into
- * the server; 4. the options, checked; 5. the rotation report; 6. the factory: the door's state,
- * and its hooks last.
  */
 import { createHash, createHmac, createSecretKey, timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
